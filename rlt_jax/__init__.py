@@ -1,0 +1,1 @@
+"""rlt_jax: Run-Length Tokenization for video Vision Transformers in JAX/Flax."""

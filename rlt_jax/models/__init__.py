@@ -1,0 +1,1 @@
+"""Model definitions (the VideoMAE-2 ViT)."""
