@@ -162,7 +162,7 @@ def _load_legacy(f: BinaryIO, path: str, storages: dict[str, _Storage]) -> Any:
   plain = lambda: _RestrictedUnpickler(f, path, {}).load()
   try:
     magic = plain()
-  except (pickle.UnpicklingError, EOFError, UnsafeCheckpointError) as e:
+  except (pickle.UnpicklingError, EOFError) as e:
     raise ValueError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor the "
                      f"legacy format): {e}") from None
   if magic != _LEGACY_MAGIC:
