@@ -85,7 +85,8 @@ def test_a_real_video_prints_top5_and_tokens_kept(model_dir, tmp_path, capsys):
   assert "6 clip(s), policy rlt" in out
   kept = float(out.split("average (")[1].split("%")[0])
   assert kept < 30  # a static background with one moving square: most tokens are dropped
-  assert out.count("  class ") == 5
+  assert [line.split(". ")[0].strip() for line in out.splitlines()[1:]] == ["1", "2", "3", "4", "5"]
+  assert out.count(" class ") == 5
 
 
 def test_an_unreadable_video_is_named(model_dir, tmp_path):
