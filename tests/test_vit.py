@@ -311,3 +311,21 @@ class TestCompilation:
       used.append((len(frames), capacity))
       bucketed(variables, frames, capacity)
     assert len(traces) == len(set(used)) < len(used)
+
+
+class TestSharding:
+
+  def test_data_sharded_forward_equals_one_device(self):
+    assert jax.device_count() == 8
+    model, variables = make("rlt", capacity=64)
+    frames = np.concatenate([clips(seed=0), clips(seed=1)])  # 8 clips, one per device
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharded = jax.jit(model.apply, in_shardings=(replicated, data))(variables, frames)
+    one = jax.devices()[0]
+    single = jax.jit(model.apply)(jax.device_put(variables, one), jax.device_put(frames, one))
+    assert len(sharded.logits.sharding.device_set) == 8
+    assert single.logits.sharding.device_set == {one}
+    np.testing.assert_allclose(sharded.logits, single.logits, atol=1e-5)
+    np.testing.assert_array_equal(sharded.kept, single.kept)
