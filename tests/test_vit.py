@@ -5,6 +5,7 @@ segment ids), each clip's logits equal those of the model run on that clip's kep
 alone, with no padding at all.
 """
 
+import functools
 from math import erf
 
 import flax
@@ -286,13 +287,6 @@ class TestCompilation:
   def test_one_compilation_per_capacity_bucket(self):
     model, variables = make("rlt")
     traces = []
-
-    @jax.jit
-    def forward(variables, frames, capacity_marker):
-      traces.append(capacity_marker.shape)
-      return model.apply(variables, frames).logits
-
-    import functools
 
     @functools.partial(jax.jit, static_argnums=2)
     def bucketed(variables, frames, capacity):
