@@ -228,7 +228,7 @@ def convert(path: str, *, variant: str | None = None, num_classes: int | None = 
     classes = len(rows)
   if num_classes is not None and num_classes != classes:
     key = jax.random.PRNGKey(seed)
-    kernel = vit.trunc_normal(key, (arch["width"], num_classes)) * 0.001
+    kernel = vit.trunc_normal(key, (arch["width"], num_classes)) * vit.VisionTransformer.head_init_scale
     params["head"] = {"kernel": np.asarray(kernel), "bias": np.zeros(num_classes, np.float32)}
     notes.append(f"head re-initialised for fine-tuning: {classes} → {num_classes} classes")
     classes = num_classes
