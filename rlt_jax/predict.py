@@ -24,7 +24,7 @@ import sys
 import jax
 import numpy as np
 
-from rlt_jax import checkpoint, convert, rlt, torch_checkpoint
+from rlt_jax import checkpoint, convert, rlt, torch_checkpoint, video
 
 
 def load(path: str) -> tuple[dict, dict]:
@@ -82,48 +82,6 @@ class Predictor:
     return np.concatenate(logits), np.concatenate(kept)
 
 
-def decode_video(path: str) -> list[np.ndarray]:
-  """All frames as RGB uint8 (H, W, 3), in the order the decoder returns them."""
-  import av
-  try:
-    with av.open(path) as container:
-      frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-  except (av.error.FFmpegError, IndexError) as e:
-    raise ValueError(f"{path}: cannot decode a video stream ({e})") from None
-  if not frames:
-    raise ValueError(f"{path}: the video has no frames")
-  return frames
-
-
-def test_views(frames: list[np.ndarray], *, clips: int = 4, crops: int = 3, clip_len: int = 16,
-               stride: int = 4, size: int = 224) -> np.ndarray:
-  """The release's test views (clips × crops, C, T, H, W ordered clip-major), uint8.
-
-  Every `stride`-th frame; a short video is padded by repeating its last frame; clip starts
-  evenly spaced; short side resized to `size` (PIL bilinear, long side rounded); crops at the
-  start, centre and end of the long side.
-  """
-  from PIL import Image
-  sampled = frames[::stride]
-  sampled += [sampled[-1]] * max(0, clip_len - len(sampled))
-  h, w = sampled[0].shape[:2]
-  scale = size / min(h, w)
-  new = (size, round(w * scale)) if h <= w else (round(h * scale), size)
-  resized = np.stack([np.asarray(Image.fromarray(f).resize((new[1], new[0]), Image.BILINEAR))
-                      for f in sampled])
-  starts = np.linspace(0, len(resized) - clip_len, clips) if clips > 1 else \
-      [(len(resized) - clip_len) // 2]
-  long_side = max(new)
-  offsets = np.linspace(0, long_side - size, crops) if crops > 1 else [(long_side - size) // 2]
-  views = []
-  for start in starts:
-    clip = resized[int(start):int(start) + clip_len]
-    for offset in offsets:
-      o = int(offset)
-      views.append(clip[:, :, o:o + size] if h <= w else clip[:, o:o + size])
-  return np.stack(views)
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m rlt_jax.predict", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         num_clips, num_crops = (int(v) for v in args.views.lower().split("x"))
       except ValueError:
         raise ValueError(f"--views {args.views!r}: expected CLIPSxCROPS such as 4x3") from None
-      clips_ = test_views(decode_video(args.video), clips=num_clips, crops=num_crops,
+      clips_ = video.test_views(video.decode(args.video)[0], clips=num_clips, crops=num_crops,
                           clip_len=predictor.model.num_frames, size=predictor.model.image_size)
     try:
       logits, kept = predictor(clips_)
@@ -163,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
       if len(names) != logits.shape[1]:
         raise ValueError(f"--labels {args.labels}: {len(names)} names for a model with "
                          f"{logits.shape[1]} classes")
-  except (ValueError, OSError, convert.ConversionError, torch_checkpoint.UnsafeCheckpointError,
+  except (ValueError, OSError, video.VideoError, convert.ConversionError, torch_checkpoint.UnsafeCheckpointError,
           OverflowError) as e:
     sys.exit(f"error: {e}")
 

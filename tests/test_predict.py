@@ -1,10 +1,10 @@
 """predict.py: converted directories or .pth files, on clip arrays or real video."""
 
-import av
 import numpy as np
 import pytest
 
 from rlt_jax import convert, predict
+from videos import write_video
 
 TOL = 5e-5
 
@@ -45,33 +45,6 @@ def test_bad_clips_are_named(model_dir, tmp_path):
     predict.main(["--checkpoint", str(model_dir), "--frames", str(clips)])
   with pytest.raises(SystemExit, match="not a saved rlt_jax model"):
     predict.main(["--checkpoint", str(tmp_path), "--frames", str(clips)])
-
-
-def write_video(path, frames=90, height=240, width=320):
-  """A textured background with a square moving left to right (H.264 mp4)."""
-  rng = np.random.RandomState(0)
-  background = rng.randint(0, 255, (height, width, 3), np.uint8)
-  with av.open(str(path), "w") as container:
-    stream = container.add_stream("libx264", rate=25)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    for i in range(frames):
-      image = background.copy()
-      image[100:140, 3 * i:3 * i + 40] = 255
-      for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
-
-
-def test_test_views_follow_the_release_protocol():
-  frames = [np.full((240, 320, 3), i, np.uint8) for i in range(90)]
-  views = predict.test_views(frames, clips=4, crops=3)
-  assert views.shape == (12, 16, 224, 224, 3)
-  sampled = np.arange(0, 90, 4)  # 23 frames at stride 4 → starts 0, 2, 4, 7 (floored)
-  starts = np.linspace(0, len(sampled) - 16, 4).astype(int)
-  assert [views[3 * c, 0, 0, 0, 0] for c in range(4)] == sampled[starts].tolist()
-  short = predict.test_views(frames[:20], clips=2, crops=1)  # 5 frames, padded with the last
-  assert short.shape == (2, 16, 224, 224, 3) and short[0, -1, 0, 0, 0] == 16
 
 
 def test_a_real_video_prints_top5_and_tokens_kept(model_dir, tmp_path, capsys):

@@ -1,0 +1,264 @@
+"""The grain input pipeline: DMVR TFRecord shards → batches of uint8 clips for one process.
+
+Random access through each shard's offset index gives a true global shuffle (`grain.MapDataset`),
+a new order every epoch, and an iterator whose state (a few integers) goes into the training
+checkpoint: a resumed run sees exactly the batches an uninterrupted one would have. Examples are
+split across JAX processes by index (process p reads examples p, p + P, …), so every example is
+read by exactly one process per epoch. Frames stay uint8 (normalisation runs on device, with 4×
+less to transfer); only the JPEGs a clip needs are decoded.
+
+A record that fails (CRC mismatch, bad protobuf, corrupt JPEG) becomes an example with
+`valid = False` and `error = True`, so batch shapes and the iterator state stay deterministic; the
+trainer weights it out and logs the count. With `strict=True` it raises instead, naming the shard
+and offset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+
+import grain
+import numpy as np
+from absl import flags, logging
+from etils import epath
+from PIL import Image
+
+from rlt_jax import dmvr, rlt, tfrecord, video
+
+MODES = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How clips are cut from a video. Defaults: the release's Kinetics recipe."""
+  num_frames: int = 16
+  stride: int = 4                # in source frames
+  source_fps: float | None = None  # if set, stride is in frames at this rate (see _stride)
+  image_size: int = 224
+  flip: bool = True              # never for Something-Something v2
+  min_area: float = 0.5
+  max_area: float = 1.0
+  min_ratio: float = 3 / 4
+  max_ratio: float = 4 / 3
+  test_clips: int = 4
+  test_crops: int = 3
+  host_rlt_threshold: float | None = None  # also compute kept counts on the host
+  tubelet_size: int = 2
+  patch_size: int = 16
+
+  def views(self, mode: str) -> tuple[int, int]:
+    return (self.test_clips, self.test_crops) if mode == "test" else (1, 1)
+
+
+def list_shards(patterns: str) -> list[epath.Path]:
+  """Shards matching comma-separated globs (local or gs://), sorted; index files excluded."""
+  shards = []
+  for pattern in filter(None, (p.strip() for p in patterns.split(","))):
+    path = epath.Path(pattern)
+    matches = sorted(p for p in path.parent.glob(path.name)
+                     if not p.name.endswith(tfrecord.INDEX_SUFFIX) and not p.name.startswith("."))
+    if not matches:
+      raise FileNotFoundError(f"no TFRecord shards match {pattern!r}")
+    shards += matches
+  if not shards:
+    raise FileNotFoundError(f"no TFRecord shard patterns given ({patterns!r})")
+  return shards
+
+
+class RecordSource:
+  """Random access to every record of a set of shards: `source[i]` → (i, shard, offset, bytes)."""
+
+  def __init__(self, shards: list[epath.Path]):
+    self.shards = [str(s) for s in shards]
+    indices = [tfrecord.read_index(s) for s in shards]
+    self._shard = np.concatenate([np.full(len(x), i, np.int32) for i, x in enumerate(indices)])
+    self._offsets = np.concatenate(indices)
+    self._local = threading.local()  # grain reads from several threads: a handle per thread
+
+  def __len__(self) -> int:
+    return len(self._offsets)
+
+  def __getitem__(self, i: int) -> tuple[int, str, int, bytes]:
+    shard = int(self._shard[i])
+    offset, length = (int(v) for v in self._offsets[i])
+    files = self._local.__dict__.setdefault("files", {})
+    if shard not in files:
+      files[shard] = epath.Path(self.shards[shard]).open("rb")
+    f = files[shard]
+    f.seek(offset)
+    return int(i), self.shards[shard], offset, f.read(length)
+
+  def __getstate__(self):  # open files stay in the process that opened them
+    return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _local=threading.local())
+
+
+def _stride(sampling: Sampling, frame_rate: float) -> float:
+  """The stride in stored frames: records at another rate than `source_fps` are rescaled."""
+  if sampling.source_fps and frame_rate:
+    return sampling.stride * frame_rate / sampling.source_fps
+  return float(sampling.stride)
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            sampling: Sampling) -> tuple[int, int, int, int]:
+  """(top, left, h, w) with area and aspect ratio drawn as torchvision does (10 tries)."""
+  area = height * width
+  for _ in range(10):
+    target = area * rng.uniform(sampling.min_area, sampling.max_area)
+    ratio = math.exp(rng.uniform(math.log(sampling.min_ratio), math.log(sampling.max_ratio)))
+    w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  side = min(height, width)  # fall back to a centre crop
+  return (height - side) // 2, (width - side) // 2, side, side
+
+
+def _decode(record: dmvr.VideoRecord, indices: np.ndarray) -> list[np.ndarray]:
+  cache = {i: video.decode_jpeg(record.jpegs[i]) for i in np.unique(indices)}
+  return [cache[i] for i in indices]
+
+
+def train_clip(record: dmvr.VideoRecord, rng: np.random.Generator,
+               sampling: Sampling) -> np.ndarray:
+  """A random window, a random resized crop (same for all frames), a random flip."""
+  n, stride = len(record.jpegs), _stride(sampling, record.frame_rate)
+  span = (sampling.num_frames - 1) * stride + 1
+  start = rng.uniform(0, max(n - span, 0))
+  frames = _decode(record, video.clip_indices(n, start, sampling.num_frames, stride))
+  top, left, h, w = random_resized_crop_box(rng, *frames[0].shape[:2], sampling)
+  size = (sampling.image_size, sampling.image_size)
+  clip = np.stack([np.asarray(Image.fromarray(f).resize(
+      size, Image.BILINEAR, box=(left, top, left + w, top + h))) for f in frames])
+  if sampling.flip and rng.random() < 0.5:
+    clip = clip[:, :, ::-1]
+  return np.ascontiguousarray(clip)
+
+
+def eval_clip(record: dmvr.VideoRecord, view: int, sampling: Sampling, mode: str) -> np.ndarray:
+  """View `view` of the deterministic clips × crops grid (1 × 1 centre for validation)."""
+  clips, crops = sampling.views(mode)
+  n, stride = len(record.jpegs), _stride(sampling, record.frame_rate)
+  start = video.test_clip_starts(n, clips=clips, clip_len=sampling.num_frames,
+                                 stride=stride)[view // crops]
+  frames = _decode(record, video.clip_indices(n, start, sampling.num_frames, stride))
+  shape = video.short_side_shape(*frames[0].shape[:2], sampling.image_size)
+  offset = video.crop_offsets(max(shape), sampling.image_size, crops)[view % crops]
+  return np.stack([video.crop_long_side(video.resize(f, shape), offset, sampling.image_size)
+                   for f in frames])
+
+
+def _example(clip: np.ndarray, label: int, index: int, view: int, valid: bool, error: bool,
+             sampling: Sampling) -> dict[str, np.ndarray]:
+  example = {"frames": clip, "label": np.int32(max(label, 0)), "index": np.int32(index),
+             "view": np.int32(view), "valid": np.bool_(valid), "error": np.bool_(error)}
+  if sampling.host_rlt_threshold is not None:
+    mask = rlt.keep_mask(rlt.normalize(clip[None]), threshold=sampling.host_rlt_threshold,
+                         tubelet_size=sampling.tubelet_size, patch_size=sampling.patch_size)
+    example["kept"] = np.int32(mask.sum())
+  return example
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """One (record, view) → one example; failures become invalid examples unless strict."""
+  sampling: Sampling
+  mode: str
+  strict: bool = False
+
+  def __call__(self, item, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    (index, shard, offset, data), view = (item, 0) if self.mode == "train" else item
+    s = self.sampling
+    if data is None:  # padding to whole batches in evaluation
+      blank = np.zeros((s.num_frames, s.image_size, s.image_size, 3), np.uint8)
+      return _example(blank, 0, -1, 0, False, False, s)
+    try:
+      record = dmvr.parse(tfrecord.unframe(shard, offset, data))
+      clip = (train_clip(record, rng, s) if self.mode == "train"
+              else eval_clip(record, view, s, self.mode))
+    except Exception as e:  # corrupt data of any kind; counted unless strict
+      message = f"{shard}: record at offset {offset}: {type(e).__name__}: {e}"
+      if self.strict:
+        raise ValueError(message) from e
+      logging.warning("skipping a bad record: %s", message)
+      blank = np.zeros((s.num_frames, s.image_size, s.image_size, 3), np.uint8)
+      return _example(blank, 0, index, view, False, True, s)
+    return _example(clip, record.label, index, view, True, False, s)
+
+
+class _Views:
+  """(record, view) pairs for this process's evaluation share, padded to whole batches.
+
+  Every process gets the same number of batches (collectives stay in step); padding entries
+  carry no data.
+  """
+
+  def __init__(self, source: RecordSource, views: int, process_index: int, process_count: int,
+               batch_size: int):
+    self.source, self.views = source, views
+    self.process_index, self.process_count = process_index, process_count
+    self.total = len(source) * views
+    per_process = math.ceil(self.total / process_count)
+    self.length = math.ceil(per_process / batch_size) * batch_size
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, j: int):
+    g = self.process_index + j * self.process_count
+    if g >= self.total:
+      return (-1, "", 0, None), 0
+    return self.source[g // self.views], g % self.views
+
+
+def _mark_flags_parsed() -> None:
+  """grain's multiprocessing reads absl flags; a library caller may not have parsed them."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: int, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
+                 workers: int = 0, strict: bool = False) -> grain.IterDataset:
+  """This process's batches (`batch_size` is per process) of dicts of numpy arrays.
+
+  Train: shuffled anew every epoch, repeated `num_epochs` times (None: forever), whole batches
+  only. Val/test: every (record, view) once, in order, padded with `valid = False` examples to
+  whole batches and to the same batch count on every process.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+  source = RecordSource(list_shards(patterns))
+  if len(source) == 0:
+    raise FileNotFoundError(f"the shards matching {patterns!r} hold no records")
+  transform = Transform(sampling, mode, strict)
+  if mode == "train":
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) < batch_size:
+      raise ValueError(f"{patterns}: {len(ds)} records for process {process_index}, fewer than "
+                       f"its batch of {batch_size}")
+    ds = ds.shuffle(seed=seed).repeat(num_epochs).random_map(transform, seed=seed + 1)
+  else:
+    views = sampling.views(mode)
+    ds = grain.MapDataset.source(_Views(source, views[0] * views[1], process_index,
+                                        process_count, batch_size)).map(transform)
+  ds = ds.batch(batch_size, drop_remainder=mode == "train").to_iter_dataset()
+  if workers > 0:
+    _mark_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds
+
+
+def read_classes(patterns: str) -> list[str]:
+  """The class names written next to the first shard (classes.txt), or [] if there are none."""
+  path = list_shards(patterns)[0].parent / "classes.txt"
+  return [line for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def num_examples(patterns: str) -> int:
+  return len(RecordSource(list_shards(patterns)))
+

@@ -1,0 +1,168 @@
+"""input_pipeline.py: global shuffling, per-process shares, exact resume, eval views, bad data."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from rlt_jax import dmvr, input_pipeline, rlt, synthetic, tfrecord, video
+
+SAMPLING = input_pipeline.Sampling(num_frames=4, stride=2, image_size=32, flip=True,
+                                   test_clips=2, test_crops=3, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  out = tmp_path_factory.mktemp("synthetic")
+  synthetic.generate(str(out), train_videos=24, val_videos=10, size=48, num_frames=16,
+                     videos_per_shard=8)
+  return out
+
+
+def train(data, **kw):
+  kw = {"mode": "train", "sampling": SAMPLING, "batch_size": 4, **kw}
+  return input_pipeline.make_dataset(str(data / "train.tfrecord-*"), **kw)
+
+
+def take(dataset, n):
+  it = iter(dataset)
+  return [next(it) for _ in range(n)]
+
+
+def test_train_batches_are_uint8_clips_with_their_labels(data):
+  (batch,) = take(train(data), 1)
+  assert batch["frames"].shape == (4, 4, 32, 32, 3) and batch["frames"].dtype == np.uint8
+  assert batch["valid"].all() and not batch["error"].any()
+  source = input_pipeline.RecordSource(input_pipeline.list_shards(str(data / "train.tfrecord-*")))
+  for index, label in zip(batch["index"], batch["label"]):
+    _, shard, offset, raw = source[int(index)]
+    assert dmvr.parse(tfrecord.unframe(shard, offset, raw)).label == label == index % 8
+
+
+def test_each_epoch_is_a_new_permutation_of_every_example(data):
+  batches = take(train(data, batch_size=1, num_epochs=2), 48)
+  order = [int(b["index"][0]) for b in batches]
+  assert sorted(order[:24]) == sorted(order[24:]) == list(range(24))
+  assert order[:24] != order[24:]
+
+
+@pytest.mark.parametrize("processes", [2, 3, 5])
+def test_processes_share_every_example_exactly_once_per_epoch(data, processes):
+  seen = []
+  for p in range(processes):
+    ds = train(data, batch_size=1, num_epochs=1, process_index=p, process_count=processes)
+    seen += [int(b["index"][0]) for b in ds]
+  assert sorted(seen) == list(range(24))
+
+
+def test_the_same_seed_gives_the_same_batches_and_another_seed_does_not(data):
+  a, b, c = take(train(data), 2), take(train(data), 2), take(train(data, seed=1), 2)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["frames"], y["frames"])
+  assert not np.array_equal(a[0]["index"], c[0]["index"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_restored_iterator_continues_with_exactly_the_same_batches(data, workers):
+  iterator = iter(train(data, workers=workers))
+  for _ in range(3):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(4)]  # crosses the epoch boundary (6 per epoch)
+  resumed = iter(train(data, workers=workers))
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["index"], want["index"])
+    np.testing.assert_array_equal(got["frames"], want["frames"])
+
+
+def test_flipping_follows_the_dataset_config(data):
+  """A frame whose left half is dark: flipped clips have it on the right."""
+  jpeg = video.encode_jpeg(np.concatenate([np.zeros((48, 24, 3), np.uint8),
+                                           np.full((48, 24, 3), 255, np.uint8)], 1), 95)
+  record = dmvr.VideoRecord([jpeg] * 8, 0)
+  wide = dataclasses.replace(SAMPLING, min_area=1.0, max_area=1.0, min_ratio=1, max_ratio=1)
+
+  def left_is_dark(sampling, seed):
+    clip = input_pipeline.train_clip(record, np.random.default_rng(seed), sampling)
+    return clip[0, :, :8].mean() < clip[0, :, -8:].mean()
+
+  assert all(left_is_dark(dataclasses.replace(wide, flip=False), s) for s in range(40))
+  flipped = [not left_is_dark(wide, s) for s in range(40)]
+  assert 5 < sum(flipped) < 35
+
+
+def test_random_resized_crops_respect_area_and_ratio():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    top, left, h, w = input_pipeline.random_resized_crop_box(rng, 256, 340, SAMPLING)
+    assert 0 <= top and top + h <= 256 and 0 <= left and left + w <= 340
+    assert 0.5 * 256 * 340 * 0.97 <= h * w <= 256 * 340 and 0.7 <= w / h <= 1.4
+
+
+def test_eval_views_are_deterministic_complete_and_padded_alike_on_every_process(data):
+  def run(mode, process_index=0, process_count=1):
+    return list(input_pipeline.make_dataset(
+        str(data / "val.tfrecord-*"), mode=mode, sampling=SAMPLING, batch_size=4,
+        process_index=process_index, process_count=process_count))
+
+  test = run("test")
+  again = run("test")
+  for x, y in zip(test, again):
+    np.testing.assert_array_equal(x["frames"], y["frames"])
+  valid = np.concatenate([b["valid"] for b in test])
+  pairs = {(int(i), int(v)) for b in test for i, v, ok in zip(b["index"], b["view"], b["valid"])
+           if ok}
+  assert valid.sum() == 60 and pairs == {(i, v) for i in range(10) for v in range(6)}
+  assert len(run("val")) == 3 and sum(b["valid"].sum() for b in run("val")) == 10
+  shares = [run("test", p, 3) for p in range(3)]
+  assert len({len(s) for s in shares}) == 1  # the same number of batches everywhere
+  assert sum(b["valid"].sum() for s in shares for b in s) == 60
+
+
+def test_test_views_are_the_release_views_of_the_stored_frames(data):
+  source = input_pipeline.RecordSource(input_pipeline.list_shards(str(data / "val.tfrecord-*")))
+  _, shard, offset, raw = source[3]
+  record = dmvr.parse(tfrecord.unframe(shard, offset, raw))
+  frames = [video.decode_jpeg(j) for j in record.jpegs]
+  expected = video.test_views(frames, clips=2, crops=3, clip_len=4, stride=2, size=32)
+  got = [input_pipeline.eval_clip(record, v, SAMPLING, "test") for v in range(6)]
+  np.testing.assert_array_equal(np.stack(got), expected)
+
+
+def test_host_kept_counts_follow_the_device_rule(data):
+  sampling = dataclasses.replace(SAMPLING, host_rlt_threshold=0.1)
+  (batch,) = take(train(data, sampling=sampling), 1)
+  mask = rlt.keep_mask(rlt.normalize(batch["frames"]), threshold=0.1, tubelet_size=2,
+                       patch_size=8)
+  np.testing.assert_array_equal(batch["kept"], mask.reshape(4, -1).sum(-1))
+
+
+def test_bad_records_are_counted_or_fatal(tmp_path, caplog):
+  shard = tmp_path / "bad.tfrecord-00000-of-00001"
+  good = video.encode_jpeg(np.zeros((40, 40, 3), np.uint8))
+  with tfrecord.ShardWriter(shard) as writer:
+    writer.write(dmvr.serialize(dmvr.VideoRecord([good] * 6, 1)))
+    writer.write(dmvr.serialize(dmvr.VideoRecord([good[:100]] * 6, 2)))  # corrupt JPEGs
+    writer.write(b"not a protobuf at all")
+    writer.write(dmvr.serialize(dmvr.VideoRecord([good] * 6, 3)))
+  kw = {"mode": "val", "sampling": SAMPLING, "batch_size": 4}
+  (batch,) = list(input_pipeline.make_dataset(str(shard), **kw))
+  assert batch["valid"].tolist() == [True, False, False, True]
+  assert batch["error"].tolist() == [False, True, True, False]
+  with pytest.raises(ValueError, match=r"bad.tfrecord-00000-of-00001: record at offset \d+"):
+    list(input_pipeline.make_dataset(str(shard), strict=True, **kw))
+  data = bytearray(shard.read_bytes())
+  data[-10] ^= 1
+  shard.write_bytes(bytes(data))
+  (batch,) = list(input_pipeline.make_dataset(str(shard), **kw))
+  assert batch["error"].tolist() == [False, True, True, True]
+  offset = int(tfrecord.read_index(shard)[3, 0])
+  assert f"{shard}: CRC mismatch in the record at offset {offset}" in caplog.text
+
+
+def test_missing_shards_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nothing-here"):
+    input_pipeline.make_dataset(str(tmp_path / "nothing-here-*"), mode="train",
+                                sampling=SAMPLING, batch_size=2)
