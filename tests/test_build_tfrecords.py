@@ -1,20 +1,12 @@
 """data/build_tfrecords.py: annotations → DMVR shards, bad videos skipped, resumable."""
 
-import importlib.util
 import json
 import os
-import pathlib
-import sys
 
 import pytest
 
-from rlt_jax import dmvr, input_pipeline, tfrecord, video
+from rlt_jax import build_tfrecords, dmvr, input_pipeline, tfrecord, video
 from videos import write_video
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "data" / "build_tfrecords.py"
-spec = importlib.util.spec_from_file_location("build_tfrecords", SCRIPT)
-build_tfrecords = sys.modules["build_tfrecords"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build_tfrecords)
 
 GOOD = {"abc_000010_000020": ("juggling", ".mp4"), "def_000000_000010": ("abseiling", ".mp4"),
         "ghi_000005_000015": ("juggling", ".webm"), "jkl_000001_000011": ("zumba", ".avi"),
