@@ -67,3 +67,80 @@ def build_model(config: dict[str, Any], **overrides) -> vit.VisionTransformer:
   (tokenizer, dtype, attention, dropout…)."""
   fields = {k: config[k] for k in ARCHITECTURE_FIELDS if k in config} | overrides
   return vit.VisionTransformer(**fields)
+
+
+def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:
+  path = pathlib.Path(directory) / MODEL_JSON
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise FileNotFoundError(f"{path}: cannot read the model config ({e})") from None
+
+
+def model_config(model: vit.VisionTransformer) -> dict[str, Any]:
+  return {f: getattr(model, f) for f in ARCHITECTURE_FIELDS}
+
+
+def check_params(params: Any, expected: Any, source: str) -> None:
+  """Raises ValueError listing every parameter whose presence or shape differs."""
+  flat = lambda t: {jax.tree_util.keystr(k): tuple(v.shape)
+                    for k, v in jax.tree_util.tree_leaves_with_path(t)}
+  got, want = flat(params), flat(expected)
+  problems = [f"missing {k} {want[k]}" for k in want if k not in got]
+  problems += [f"unexpected {k} {got[k]}" for k in got if k not in want]
+  problems += [f"{k}: {got[k]} where the model has {want[k]}" for k in want
+               if k in got and got[k] != want[k]]
+  if problems:
+    raise ValueError(f"{source}: parameters do not fit the model: " + "; ".join(problems))
+
+
+def export_model(directory: str | os.PathLike, params: Any, config: dict[str, Any]) -> None:
+  """save_model, replacing an earlier export only once the new one is complete."""
+  target = pathlib.Path(directory).absolute()
+  fresh = target.parent / f".{target.name}.new"
+  shutil.rmtree(fresh, ignore_errors=True)
+  save_model(fresh, params, config)
+  if target.exists():
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old)
+  else:
+    fresh.rename(target)
+
+
+class TrainCheckpoints:
+  """Orbax CheckpointManager of the train state (params, optimizer, step, RNG) and the grain
+  iterator's state (one JSON per process), saved asynchronously, the last `keep` kept. A
+  checkpoint becomes visible only once complete (orbax commits by rename)."""
+
+  def __init__(self, directory: str, *, keep: int):
+    import grain
+    self.directory = directory
+    self._manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                        enable_async_checkpointing=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
+    self._grain = grain
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, iterator: Any, force: bool = False) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=self._grain.checkpoint.CheckpointSave(iterator)),
+        force=force)
+
+  def restore(self, step: int, abstract_state: Any, shardings: Any, iterator: Any):
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+        shardings)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=self._grain.checkpoint.CheckpointRestore(iterator)))
+    return restored["state"], restored["data"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()

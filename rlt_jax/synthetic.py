@@ -30,7 +30,7 @@ def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
   """A muted, smooth colour field (random 16-pixel cells, bilinearly blended) with fine grain."""
   coarse = rng.integers(60, 200, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
   smooth = video.resize(coarse, (height + 32, width + 32))[16:16 + height, 16:16 + width]
-  grain = rng.integers(-12, 13, (height, width, 3))
+  grain = rng.integers(-4, 5, (height, width, 3))
   return np.clip(smooth.astype(np.int64) + grain, 0, 255).astype(np.uint8)
 
 
@@ -43,16 +43,16 @@ def _sprite(rng: np.random.Generator, side: int) -> np.ndarray:
   return sprite
 
 
-def make_video(label: int, rng: np.random.Generator, *, size: int = 80,
-               num_frames: int = 32) -> list[np.ndarray]:
+def make_video(label: int, rng: np.random.Generator, *, size: int = 64,
+               num_frames: int = 24) -> list[np.ndarray]:
   """RGB uint8 frames (size × size) of one clip of class `label`."""
   pan = rng.random() < 0.25
   margin = num_frames if pan else 0
   scene = _texture(rng, size + 2 * margin, size + 2 * margin)
   pan_velocity = rng.choice([-1.0, 1.0], 2) * rng.uniform(0.5, 1.0) if pan else np.zeros(2)
-  side = int(rng.integers(12, 18))
+  side = int(rng.integers(16, 23))
   sprite = _sprite(rng, 2 * side)
-  speed = rng.uniform(1.5, 2.5)
+  speed = rng.uniform(0.6, 0.8) * (size - side) / (num_frames - 1)  # crosses most of the frame
   velocity = {0: (0, speed), 1: (0, -speed), 2: (-speed, 0), 3: (speed, 0)}.get(label, (0, 0))
   travel = np.abs(velocity) * (num_frames - 1)
   low = side / 2 + travel * (np.asarray(velocity) < 0)
@@ -79,8 +79,8 @@ def make_video(label: int, rng: np.random.Generator, *, size: int = 80,
   return frames
 
 
-def generate(output_dir: str, *, train_videos: int = 960, val_videos: int = 240,
-             size: int = 80, num_frames: int = 32, videos_per_shard: int = 120,
+def generate(output_dir: str, *, train_videos: int = 2400, val_videos: int = 240,
+             size: int = 64, num_frames: int = 24, videos_per_shard: int = 300,
              seed: int = 0) -> None:
   """Writes train/val shards and classes.txt; shards already there are kept (resumable)."""
   os.makedirs(output_dir, exist_ok=True)
@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m rlt_jax.synthetic", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--output_dir", required=True)
-  parser.add_argument("--train_videos", type=int, default=960)
+  parser.add_argument("--train_videos", type=int, default=2400)
   parser.add_argument("--val_videos", type=int, default=240)
-  parser.add_argument("--size", type=int, default=80, help="frame height and width")
-  parser.add_argument("--num_frames", type=int, default=32)
+  parser.add_argument("--size", type=int, default=64, help="frame height and width")
+  parser.add_argument("--num_frames", type=int, default=24)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   generate(args.output_dir, train_videos=args.train_videos, val_videos=args.val_videos,

@@ -1,0 +1,246 @@
+"""train.py / main.py: the step, sharding, resumption to the batch, faults, bad configs."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlt_jax import augment, optim, sharding, synthetic, train
+import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("synthetic")
+  synthetic.generate(str(out), train_videos=48, val_videos=16, size=40, num_frames=12,
+                     videos_per_shard=16)
+  return str(out)
+
+
+def losses(workdir):
+  """The loss of every step in metrics.jsonl (a re-run step keeps its last value)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if "losses" in record:
+        out[record["step"]] = record["losses"][-1]
+  return out
+
+
+def main_command(data_dir, workdir, *extra):
+  return [sys.executable, "-m", "rlt_jax.main", f"--config={TINY}:{data_dir}",
+          f"--workdir={workdir}", *extra]
+
+
+def env(devices=8):
+  e = dict(os.environ, JAX_PLATFORMS="cpu",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  e["PYTHONPATH"] = os.pathsep.join([ROOT, e.get("PYTHONPATH", "")])
+  return e
+
+
+def run_main(data_dir, workdir, *extra, devices=8):
+  return subprocess.run(main_command(data_dir, workdir, *extra), env=env(devices),
+                        capture_output=True, text=True, timeout=600)
+
+
+# ------------------------------------------------------------------ the optimizer
+
+
+def test_layer_decay_is_applied_and_weight_decay_skips_vectors_and_tables():
+  params = {"patch_embed": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+            "length_embedding": jnp.ones((4, 3)),
+            "blocks_0": {"mlp": {"fc1": {"kernel": jnp.ones((3, 3))}}},
+            "blocks_1": {"norm1": {"scale": jnp.ones(3)}},
+            "head": {"kernel": jnp.ones((3, 8))}}
+  scales = optim.layer_scales(params, depth=2, decay=0.5)
+  assert scales["patch_embed"]["kernel"] == 0.5 ** 3 and scales["length_embedding"] == 0.5 ** 3
+  assert scales["blocks_0"]["mlp"]["fc1"]["kernel"] == 0.5 ** 2
+  assert scales["blocks_1"]["norm1"]["scale"] == 0.5 and scales["head"]["kernel"] == 1.0
+  mask = optim.decay_mask(params)
+  assert mask["patch_embed"] == {"kernel": True, "bias": False}
+  assert not mask["length_embedding"] and not mask["blocks_1"]["norm1"]["scale"]
+  assert mask["head"]["kernel"]
+
+
+def test_the_schedule_warms_up_then_decays_to_the_scaled_minimum():
+  config = tiny_config.get_config()
+  config.batch_size = 512
+  lr = optim.schedule(config, total_steps=100, warmup_steps=10)
+  assert float(lr(0)) == 0.0
+  assert float(lr(10)) == pytest.approx(1.5e-3 * 2)
+  assert float(lr(100)) == pytest.approx(1e-6 * 2, rel=1e-3)
+
+
+def test_mixing_keeps_targets_normalised_and_cutmix_boxes_cover_every_frame():
+  frames = jnp.stack([jnp.zeros((4, 16, 16, 3)), jnp.ones((4, 16, 16, 3))])
+  config = augment.Augment(num_classes=5, mixup_alpha=0.0, cutmix_alpha=1.0)
+  mixed, targets = augment.mix(jax.random.PRNGKey(3), frames, jnp.array([0, 1]), config)
+  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+  area = float(mixed[0, 0, ..., 0].mean())  # clip 0 (zeros) got a box of ones
+  np.testing.assert_allclose(targets[0, 1], area * 0.9 + 0.02, rtol=1e-5)
+  for t in range(4):
+    np.testing.assert_array_equal(mixed[0, t], mixed[0, 0])
+  erased = augment.erase(jax.random.PRNGKey(0), frames,
+                         augment.Augment(num_classes=5, erase_prob=1.0))
+  assert not np.array_equal(erased, frames)
+  for t in range(4):  # the noise is static over time, so RLT keeps it once
+    np.testing.assert_array_equal(erased[:, t], erased[:, 0])
+
+
+# ------------------------------------------------------------------ sharding
+
+
+def one_step(mesh, config, batch):
+  model = train.build_model(config, train=True)
+  rng = jax.random.PRNGKey(0)
+  dummy = jnp.zeros((1, model.num_frames, model.image_size, model.image_size, 3), jnp.uint8)
+  params = model.init({"params": rng, "tokens": rng}, dummy)["params"]
+  tx, lr = optim.make(config, params, depth=model.depth, total_steps=10, warmup_steps=0)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(3), "rng": rng,
+           "bad_step": jnp.int32(-1)}
+  shardings = sharding.tree_shardings(mesh, state, min_size=16)
+  step = jax.jit(train.make_train_step(model, tx, lr, augment.Augment(num_classes=8),
+                                       config.grad_accum_steps),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, None))
+  state, metrics = step(jax.device_put(state, shardings), sharding.global_batch(mesh, batch))
+  return jax.device_get(state), jax.device_get(metrics), shardings
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_step_sharded_over_data_and_fsdp_equals_the_step_on_one_device(accum):
+  config = tiny_config.get_config()
+  config.grad_accum_steps = accum
+  rng = np.random.default_rng(0)
+  batch = {"frames": rng.integers(0, 255, (8, 4, 32, 32, 3), np.uint8),
+           "label": rng.integers(0, 8, 8).astype(np.int32), "valid": np.ones(8, bool),
+           "error": np.zeros(8, bool)}
+  batch["frames"][:, :, :16] = batch["frames"][:, :1, :16]  # static top half: RLT drops it
+  single, m1, _ = one_step(sharding.make_mesh(devices=jax.devices()[:1]), config, batch)
+  sharded, m8, shardings = one_step(sharding.make_mesh(data=4, fsdp=2), config, batch)
+  assert any("fsdp" in str(s.spec) for s in jax.tree_util.tree_leaves(shardings["params"]))
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  assert m8["tokens_kept"] == m1["tokens_kept"] < 64
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         sharded["params"], single["params"])
+
+
+def test_fsdp_splits_big_arrays_along_a_divisible_dimension():
+  assert sharding.param_spec((1024, 4096), 8) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert sharding.param_spec((1024,), 8) == jax.sharding.PartitionSpec()
+  assert sharding.param_spec((1000, 333), 8, min_size=1) == jax.sharding.PartitionSpec("fsdp",
+                                                                                       None)
+  with pytest.raises(ValueError, match="needs 6 devices; there are 8"):
+    sharding.make_mesh(data=3, fsdp=2)
+
+
+# ------------------------------------------------------------------ bad configs
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.model.update(variant="B/17"), r"config.model.variant='B/17'"),
+    (lambda c: setattr(c, "batch_size", 12), r"config.batch_size=12 is not divisible by the 8"),
+    (lambda c: c.data.update(train="/nowhere/train-*"), r"config.data.train: no TFRecord"),
+    (lambda c: c.rlt.update(policy="sometimes"), r"config.rlt: .*policy='sometimes'"),
+    (lambda c: c.mesh.update(fsdp=3), r"config.mesh: .*not divisible by 3"),
+    (lambda c: c.update(mode="eval"), r"needs config.init_from"),
+])
+def test_a_bad_config_fails_before_compiling(data_dir, change, message):
+  config = tiny_config.get_config(data_dir)
+  change(config)
+  with pytest.raises(train.ConfigError, match=message):
+    train.check(config)
+
+
+# ------------------------------------------------------------------ runs
+
+
+def test_training_resumes_after_kill_9_with_exactly_the_same_losses(data_dir, tmp_path):
+  reference = run_main(data_dir, tmp_path / "reference")
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  expected = losses(tmp_path / "reference")
+  assert sorted(expected) == list(range(1, 9))
+  assert "step 8/8" in reference.stdout and "ETA" in reference.stdout
+
+  workdir = tmp_path / "killed"
+  process = subprocess.Popen(main_command(data_dir, workdir), env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / "4").is_dir() and time.time() < deadline:
+    time.sleep(0.2)
+  process.kill()
+  process.wait()
+  killed_at = max(losses(workdir))
+  assert 4 <= killed_at < 8 or killed_at == 8
+  resumed = run_main(data_dir, workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  got = losses(workdir)
+  assert sorted(got) == list(range(1, 9))
+  for step in range(1, 9):
+    assert got[step] == expected[step], (step, got[step], expected[step])
+  assert (workdir / "model" / "model.json").is_file()
+  assert list((workdir / "tensorboard").iterdir())
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  process = subprocess.Popen(main_command(data_dir, workdir, "--config.total_steps=100000",
+                                          "--config.checkpoint_every=100000"),
+                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.time() + 300
+  while not (workdir / "metrics.jsonl").exists() or len(losses(workdir)) < 3:
+    assert time.time() < deadline and process.poll() is None
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] >= 3 and "SIGTERM: saved step" in stderr
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):
+  result = run_main(data_dir, tmp_path / "nan", "--config.optim.lr=1e38",
+                    "--config.total_steps=40", "--config.checkpoint_every=1")
+  assert result.returncode != 0
+  assert "the loss became non-finite at step" in result.stderr
+  last = result.stderr.split("The last good checkpoint is step ")[1].split()[0]
+  assert (tmp_path / "nan" / "checkpoints" / last).is_dir()
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_losses_of_one_process(data_dir, tmp_path):
+  one = run_main(data_dir, tmp_path / "one", "--config.total_steps=4")
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = free_port()
+  processes = [subprocess.Popen(
+      main_command(data_dir, tmp_path / "two", "--config.total_steps=4",
+                   f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                   f"--process_id={i}"),
+      env=env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "step 4/4" in outputs[0][0] and "step 4/4" not in outputs[1][0]  # process 0 logs
+  expected, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+  for step in range(1, 5):
+    np.testing.assert_allclose(got[step], expected[step], rtol=1e-5)
