@@ -95,19 +95,27 @@ def check_params(params: Any, expected: Any, source: str) -> None:
 
 
 def export_model(directory: str | os.PathLike, params: Any, config: dict[str, Any]) -> None:
-  """save_model, replacing an earlier export only once the new one is complete."""
+  """Writes a model directory from every process (params may be sharded across hosts); an
+  earlier export is replaced only once the new one is complete."""
+  from jax.experimental import multihost_utils
   target = pathlib.Path(directory).absolute()
-  fresh = target.parent / f".{target.name}.new"
-  shutil.rmtree(fresh, ignore_errors=True)
-  save_model(fresh, params, config)
-  if target.exists():
-    old = target.parent / f".{target.name}.old"
+  fresh, old = target.parent / f".{target.name}.new", target.parent / f".{target.name}.old"
+  main = jax.process_index() == 0
+  if main:
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+  multihost_utils.sync_global_devices("export_model:start")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(fresh / PARAMS_DIR, params)
+  checkpointer.wait_until_finished()
+  if main:
+    (fresh / MODEL_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if target.exists():
+      shutil.rmtree(old, ignore_errors=True)
+      target.rename(old)
+    fresh.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-    target.rename(old)
-    fresh.rename(target)
-    shutil.rmtree(old)
-  else:
-    fresh.rename(target)
+  multihost_utils.sync_global_devices("export_model:done")
 
 
 class TrainCheckpoints:

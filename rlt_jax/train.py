@@ -295,7 +295,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   try:
     for step in range(start, total_steps):
       if preemption.requested:
-        manager.save(step, state, iterator, force=True)
+        if manager.latest_step() != step:
+          manager.save(step, state, iterator, force=True)
         manager.wait()
         logging.info("SIGTERM: saved step %d in %s; exiting", step, manager.directory)
         return {"preempted_at": step}
@@ -324,9 +325,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.data.test:
       result = _evaluate(config, evaluator, model, state["params"], "test", total_steps, log,
                          workdir)
-    if jax.process_index() == 0:
-      checkpoint.export_model(os.path.join(workdir, "model"), state["params"],
-                              checkpoint.model_config(model))
+    checkpoint.export_model(os.path.join(workdir, "model"), state["params"],
+                            checkpoint.model_config(model))
   finally:
     manager.wait()
     preemption.restore()

@@ -244,3 +244,22 @@ def test_two_processes_give_the_losses_of_one_process(data_dir, tmp_path):
   expected, got = losses(tmp_path / "one"), losses(tmp_path / "two")
   for step in range(1, 5):
     np.testing.assert_allclose(got[step], expected[step], rtol=1e-5)
+
+
+def test_the_demo_config_learns_the_synthetic_dataset(tmp_path):
+  """configs/demo.py as users run it, on a fresh data dir, for 4 of its 12 epochs."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  config = demo.get_config()
+  data = str(tmp_path / "data")
+  config.data.update(synthetic_dir=data, train=f"{data}/train.tfrecord-*",
+                     val=f"{data}/val.tfrecord-*")
+  config.update(num_epochs=4.0, eval_every=300, checkpoint_every=300)
+  result = train.run(config, str(tmp_path / "work"))
+  logged = [json.loads(line) for line in open(tmp_path / "work" / "metrics.jsonl")]
+  train_losses = [r["loss"] for r in logged if "loss" in r]
+  assert train_losses[-1] < train_losses[0] - 0.1
+  assert result["top1"] > 2 * (1 / 8)  # chance is 1/8
+  assert 0.3 < result["tokens_kept_mean"] / result["tokens_total"] < 0.8

@@ -13,6 +13,7 @@ def get_config(data_dir: str = "/tmp/rlt_test_data"):
   c.eval_batch_size = 8
   c.total_steps = 8
   c.warmup_epochs = 0.5
+  c.optim.lr = 0.3             # 1e-2 at batch 8: steps that visibly move the loss
   c.log_every = 1
   c.checkpoint_every = 2
   c.eval_every = 0

@@ -9,7 +9,8 @@ Implementations (config `model.attention`):
            batches pass sequence lengths (cuDNN skips padding), packed ones a segment mask.
   'splash' TPU Pallas splash attention with segment ids; it does not scale q, so we do.
            Off TPU it runs in Pallas interpret mode (slow; for checking only).
-  'auto'   splash on TPU, cudnn on GPU for 16-bit inputs, else xla.
+  'auto'   splash on a single TPU device when rows are multiples of 128, cudnn on GPU for
+           16-bit inputs, else xla.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
     raise ValueError(f"model.attention={implementation!r}: expected one of {IMPLEMENTATIONS}")
   if implementation == "auto":
     backend = jax.default_backend()
-    if backend == "tpu":
-      implementation = "splash"
+    if backend == "tpu" and q.shape[1] % 128 == 0 and jax.device_count() == 1:
+      implementation = "splash"  # not yet wrapped in shard_map for multi-device meshes
     elif backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
       implementation = "cudnn"
     else:
