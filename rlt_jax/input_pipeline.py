@@ -2,9 +2,10 @@
 
 Random access through each shard's offset index gives a true global shuffle (`grain.MapDataset`),
 a new order every epoch, and an iterator whose state (a few integers) goes into the training
-checkpoint: a resumed run sees exactly the batches an uninterrupted one would have. Examples are
-split across JAX processes by index (process p reads examples p, p + P, …), so every example is
-read by exactly one process per epoch. Frames stay uint8 (normalisation runs on device, with 4×
+checkpoint: a resumed run sees exactly the batches an uninterrupted one would have. Every
+process walks the same shuffled stream and reads only its rows of each global batch, so each
+example is read by exactly one process, and the global batches do not depend on the number of
+processes. Frames stay uint8 (normalisation runs on device, with 4×
 less to transfer); only the JPEGs a clip needs are decoded.
 
 A record that fails (CRC mismatch, bad protobuf, corrupt JPEG) becomes an example with
@@ -190,6 +191,31 @@ class Transform:
     return _example(clip, record.label, index, view, True, False, s)
 
 
+class _ProcessShare(grain.MapDataset):
+  """This process's rows of every global batch: global batch k is elements kB … kB + B − 1 of
+  the shuffled stream, and process p takes rows pb … pb + b − 1 of it (b = B / P). So the
+  global batches, their row order and every example's augmentation (seeded by its position in
+  the global stream) are the same for any number of processes. A last partial global batch
+  (fewer than B examples, finite runs only) is dropped."""
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self._b, self._p, self._count = batch_size, process_index, process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._b * self._count) * self._b
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    row = (j // self._b) * self._b * self._count + self._p * self._b + j % self._b
+    return self._parent[row]
+
+  def __str__(self) -> str:
+    return f"ProcessShare(batch={self._b}, process={self._p}/{self._count})"
+
+
 class _Views:
   """(record, view) pairs for this process's evaluation share, padded to whole batches.
 
@@ -237,11 +263,12 @@ def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: in
     raise FileNotFoundError(f"the shards matching {patterns!r} hold no records")
   transform = Transform(sampling, mode, strict)
   if mode == "train":
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) < batch_size:
-      raise ValueError(f"{patterns}: {len(ds)} records for process {process_index}, fewer than "
-                       f"its batch of {batch_size}")
-    ds = ds.shuffle(seed=seed).repeat(num_epochs).random_map(transform, seed=seed + 1)
+    if len(source) < batch_size * process_count:
+      raise ValueError(f"{patterns}: {len(source)} records, fewer than one global batch of "
+                       f"{batch_size * process_count}")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    ds = _ProcessShare(ds.random_map(transform, seed=seed + 1), batch_size, process_index,
+                       process_count)
   else:
     views = sampling.views(mode)
     ds = grain.MapDataset.source(_Views(source, views[0] * views[1], process_index,

@@ -3,6 +3,7 @@
     python -m rlt_jax.tokens --video FILE.mp4 [--thresholds 0.05,0.1,0.2] [--save_png out.png]
         [--save_gif out.gif]
     python -m rlt_jax.tokens --data '/data/k400/val.tfrecord-*' [--max_clips 1000]
+    python -m rlt_jax.tokens --frames clips.npy      # uint8 (B, 16, 224, 224, 3)
 
 A video is cut into consecutive 16-frame clips at stride 4 (short side 224, centre crop); a
 dataset gives one centre view per video. For each τ: tokens kept per clip (a row each for a
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--video")
   source.add_argument("--data", help="TFRecord shards (glob)")
+  source.add_argument("--frames", help=".npy (or .npz key 'frames') of uint8 clips")
   parser.add_argument("--thresholds", default="0.1", help="comma-separated τ values")
   parser.add_argument("--max_clips", type=int, default=1000)
   parser.add_argument("--save_png")
@@ -88,12 +90,21 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   try:
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    clips = video_clips(args.video) if args.video else data_clips(args.data, args.max_clips)
+    if args.frames:
+      clips = np.load(args.frames)
+      clips = clips["frames"] if isinstance(clips, np.lib.npyio.NpzFile) else clips
+      if clips.dtype != np.uint8 or clips.shape[1:] != (CLIP_LEN, SIZE, SIZE, 3):
+        raise ValueError(f"{args.frames}: expected uint8 clips (B, {CLIP_LEN}, {SIZE}, {SIZE}, "
+                         f"3), got {clips.dtype} {clips.shape}")
+    elif args.video:
+      clips = video_clips(args.video)
+    else:
+      clips = data_clips(args.data, args.max_clips)
   except (ValueError, OSError, video.VideoError) as e:
     sys.exit(f"error: {e}")
   total = (CLIP_LEN // TUBELET) * (SIZE // PATCH) ** 2
   print(f"{len(clips)} clip(s) of {CLIP_LEN} × {SIZE}² ({total} tokens each) from "
-        f"{args.video or args.data}")
+        f"{args.video or args.data or args.frames}")
   for threshold in thresholds:
     mask = rlt.keep_mask(rlt.normalize(clips), threshold=threshold, tubelet_size=TUBELET,
                          patch_size=PATCH)

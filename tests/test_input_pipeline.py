@@ -46,13 +46,22 @@ def test_each_epoch_is_a_new_permutation_of_every_example(data):
   assert order[:24] != order[24:]
 
 
-@pytest.mark.parametrize("processes", [2, 3, 5])
+@pytest.mark.parametrize("processes", [2, 3, 4])
 def test_processes_share_every_example_exactly_once_per_epoch(data, processes):
   seen = []
   for p in range(processes):
-    ds = train(data, batch_size=1, num_epochs=1, process_index=p, process_count=processes)
-    seen += [int(b["index"][0]) for b in ds]
+    ds = train(data, batch_size=2, num_epochs=1, process_index=p, process_count=processes)
+    seen += [int(i) for b in ds for i in b["index"]]
   assert sorted(seen) == list(range(24))
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes(data):
+  one = take(train(data, batch_size=8, num_epochs=None), 4)
+  shares = [take(train(data, batch_size=2, process_index=p, process_count=4), 4)
+            for p in range(4)]
+  for k in range(4):
+    rows = np.concatenate([shares[p][k]["frames"] for p in range(4)])
+    np.testing.assert_array_equal(rows, one[k]["frames"])
 
 
 def test_the_same_seed_gives_the_same_batches_and_another_seed_does_not(data):

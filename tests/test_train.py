@@ -28,14 +28,15 @@ def data_dir(tmp_path_factory):
   return str(out)
 
 
-def losses(workdir):
-  """The loss of every step in metrics.jsonl (a re-run step keeps its last value)."""
+def losses(workdir, key="losses"):
+  """The loss (or another logged value) of every step in metrics.jsonl, with log_every=1
+  (a re-run step keeps its last value)."""
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       record = json.loads(line)
       if "losses" in record:
-        out[record["step"]] = record["losses"][-1]
+        out[record["step"]] = record["losses"][-1] if key == "losses" else record[key]
   return out
 
 
@@ -78,6 +79,7 @@ def test_layer_decay_is_applied_and_weight_decay_skips_vectors_and_tables():
 def test_the_schedule_warms_up_then_decays_to_the_scaled_minimum():
   config = tiny_config.get_config()
   config.batch_size = 512
+  config.optim.lr = 1.5e-3
   lr = optim.schedule(config, total_steps=100, warmup_steps=10)
   assert float(lr(0)) == 0.0
   assert float(lr(10)) == pytest.approx(1.5e-3 * 2)
@@ -134,7 +136,7 @@ def test_a_step_sharded_over_data_and_fsdp_equals_the_step_on_one_device(accum):
   assert any("fsdp" in str(s.spec) for s in jax.tree_util.tree_leaves(shardings["params"]))
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
   assert m8["tokens_kept"] == m1["tokens_kept"] < 64
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          sharded["params"], single["params"])
 
 
@@ -241,9 +243,10 @@ def test_two_processes_give_the_losses_of_one_process(data_dir, tmp_path):
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
   assert "step 4/4" in outputs[0][0] and "step 4/4" not in outputs[1][0]  # process 0 logs
-  expected, got = losses(tmp_path / "one"), losses(tmp_path / "two")
-  for step in range(1, 5):
-    np.testing.assert_allclose(got[step], expected[step], rtol=1e-5)
+  for key in ("losses", "grad_norm", "tokens_kept"):  # all-reduces may sum in another order
+    expected, got = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
+    for step in range(1, 5):
+      np.testing.assert_allclose(got[step], expected[step], rtol=1e-4)
 
 
 def test_the_demo_config_learns_the_synthetic_dataset(tmp_path):
