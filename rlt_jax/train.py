@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from rlt_jax import (augment, checkpoint, evaluate, input_pipeline, optim, rlt, sharding,
@@ -165,7 +166,7 @@ def make_train_step(model: vit.VisionTransformer, tx, lr_schedule, aug: augment.
     loss = loss_sum / count
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = jax.tree_util.tree_map(jnp.add, params, updates)
-    grad_norm = optax_global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {
@@ -181,11 +182,6 @@ def make_train_step(model: vit.VisionTransformer, tx, lr_schedule, aug: augment.
     return new_state, metrics
 
   return step_fn
-
-
-def optax_global_norm(tree: Any) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in jax.tree_util.tree_leaves(tree)))
 
 
 # ----------------------------------------------------------------------------- the loop
