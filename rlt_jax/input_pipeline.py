@@ -17,6 +17,7 @@ and offset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 
@@ -258,7 +259,7 @@ def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: in
   """
   if mode not in MODES:
     raise ValueError(f"mode {mode!r}: expected one of {MODES}")
-  source = RecordSource(list_shards(patterns))
+  source = open_source(patterns)
   if len(source) == 0:
     raise FileNotFoundError(f"the shards matching {patterns!r} hold no records")
   transform = Transform(sampling, mode, strict)
@@ -282,10 +283,18 @@ def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: in
 
 def read_classes(patterns: str) -> list[str]:
   """The class names written next to the first shard (classes.txt), or [] if there are none."""
-  path = list_shards(patterns)[0].parent / "classes.txt"
+  path = epath.Path(open_source(patterns).shards[0]).parent / "classes.txt"
   return [line for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def num_examples(patterns: str) -> int:
-  return len(RecordSource(list_shards(patterns)))
+  return len(open_source(patterns))
+
+
+@functools.lru_cache(maxsize=8)
+def open_source(patterns: str) -> RecordSource:
+  """The shards' RecordSource, built once per process: listing shards and reading their
+  indices is I/O (hundreds of files on GCS), and training asks for the same split again at
+  every evaluation."""
+  return RecordSource(list_shards(patterns))
 
