@@ -1,0 +1,190 @@
+"""What a person running training sees: a quiet console, a full log file, a progress bar, a summary.
+
+Libraries (orbax, absl, jax) log at INFO a lot; that chatter goes to `log.txt` in the workdir
+(`log.process{N}.txt` on process N > 0), and the console keeps warnings, errors and the lines
+passed to `say`, printed by process 0 only so that a pod slice prints each line once.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import shlex
+import sys
+import tempfile
+from typing import Any, Mapping
+
+import tqdm
+
+_FILE_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+_CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
+# say() lines: printed by say itself, so they reach the log file but never the console handler.
+_SAY = logging.getLogger("rlt_jax.console")
+_SAY.propagate = False
+_SAY.setLevel(logging.INFO)
+_installed: list[logging.Handler] = []
+_log_file: str | None = None
+
+
+def _is_main() -> bool:
+  import jax  # lazily: `--help` and flag errors should not pay for importing jax
+  return jax.process_index() == 0
+
+
+def _drop_missing_libtpu(record: logging.LogRecord) -> bool:
+  """jax probes for a TPU on every machine and logs its failure when libtpu is not installed;
+  on CPU and GPU hosts that line is noise. Other TPU failures (a busy TPU) still pass."""
+  message = record.getMessage()
+  return not (message.startswith("Unable to initialize backend 'tpu'")
+              and "libtpu.so: cannot open shared object file" in message)
+
+
+def log_path(workdir: str, process_index: int) -> str:
+  """Where process `process_index` logs; a remote workdir (gs://…) logs under the temp dir."""
+  name = "log.txt" if process_index == 0 else f"log.process{process_index}.txt"
+  if "://" in workdir:
+    local = workdir.replace("://", "_").replace("/", "_")
+    return os.path.join(tempfile.gettempdir(), "rlt_jax_logs", local, name)
+  return os.path.join(workdir, name)
+
+
+def setup_logging(workdir: str, verbose: bool) -> str:
+  """Sends python and absl logging at INFO to the workdir's log file and WARNING+ to stderr
+  (everything with `verbose`); returns the log file's path. Call after
+  `jax.distributed.initialize` (this asks jax for the process index); calling again replaces
+  the handlers of the previous call."""
+  global _log_file
+  from absl import logging as absl_logging
+  root = logging.getLogger()
+  for handler in _installed:
+    root.removeHandler(handler)
+    _SAY.removeHandler(handler)
+    handler.close()
+  _installed.clear()
+  root.removeHandler(absl_logging.get_absl_handler())  # it prints everything to stderr
+  root.setLevel(min(root.getEffectiveLevel(), logging.INFO))  # --verbosity=1 keeps DEBUG
+  logging.getLogger("absl").setLevel(logging.NOTSET)
+  console = logging.StreamHandler(sys.stderr)
+  console.setLevel(logging.NOTSET if verbose else logging.WARNING)
+  console.addFilter(_drop_missing_libtpu)
+  console.setFormatter(logging.Formatter(_CONSOLE_FORMAT))
+  early = logging.handlers.BufferingHandler(capacity=100_000)
+  root.addHandler(console)
+  root.addHandler(early)
+  import jax
+  index = jax.process_index()  # starts the backends: what they log is buffered in `early`
+  root.removeHandler(early)
+  _log_file = log_path(workdir, index)
+  os.makedirs(os.path.dirname(_log_file), exist_ok=True)
+  file = logging.FileHandler(_log_file, encoding="utf-8")
+  file.setFormatter(logging.Formatter(_FILE_FORMAT))
+  for record in early.buffer:
+    file.handle(record)
+  root.addHandler(file)
+  _SAY.addHandler(file)
+  if index != 0:
+    console.setLevel(logging.WARNING)
+  _installed.extend([console, file])
+  return _log_file
+
+
+def say(message: str) -> None:
+  """A line for the person running the job: stdout on process 0 (above any progress bar),
+  and the log file of every process."""
+  _SAY.info(message)
+  if _is_main():
+    tqdm.tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+class _Progress:
+  """The step bar on process 0 (steps, rate, ETA); every method is a no-op on other processes.
+
+  On a terminal the bar redraws twice a second; elsewhere (CI, `| tee`, cluster logs) every
+  redraw is a new line, so it redraws at most every 30 s.
+  """
+
+  def __init__(self, total: int, initial: int = 0, desc: str = "train"):
+    self._bar = None
+    if _is_main():
+      terminal = sys.stderr.isatty()
+      self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit="step",
+                            file=sys.stderr, dynamic_ncols=terminal,
+                            mininterval=0.5 if terminal else 30.0)
+
+  def update(self, n: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def set_postfix(self, values: Mapping[str, Any]) -> None:
+    """Shown from the next redraw: an immediate redraw would print a line per call off a TTY."""
+    if self._bar is not None:
+      self._bar.set_postfix(values, refresh=False)
+
+  def write(self, line: str) -> None:
+    say(line)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+  def __enter__(self) -> _Progress:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def progress(total: int, initial: int = 0, desc: str = "train") -> _Progress:
+  """A progress bar over steps `initial`..`total` (a resumed run starts at its checkpoint)."""
+  return _Progress(total, initial, desc)
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 60:
+    return f"{seconds:.1f} s"
+  minutes, secs = divmod(round(seconds), 60)
+  if minutes < 60:
+    return f"{minutes} min {secs:02d} s"
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours} h {minutes:02d} min"
+
+
+def _value(key: str, value: float) -> str:
+  """Accuracies and fractions as percentages, counts as integers, the rest to 4 digits."""
+  leaf = key.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+  if leaf in ("top1", "top5", "accuracy") or leaf.endswith("_fraction"):
+    return f"{value:.2%}"
+  if isinstance(value, int):
+    return str(value)
+  return f"{value:.4g}"
+
+
+def summary(metrics: Mapping[str, Any], *, wall_time_s: float,
+            tokens_kept_fraction: float | None = None, workdir: str | None = None,
+            model_dir: str | None = None, checkpoint_dir: str | None = None,
+            tensorboard_dir: str | None = None, labels: str | None = None,
+            title: str = "Training finished") -> str:
+  """The closing block: the numbers worth reporting, where everything went, what to run next.
+
+  `metrics`' numbers are listed in order (other values are skipped); a path left None is left
+  out; `labels` (a classes.txt) is added to the predict command.
+  """
+  rows = [(key, _value(key, value)) for key, value in metrics.items()
+          if isinstance(value, (int, float)) and not isinstance(value, bool)]
+  if tokens_kept_fraction is not None:
+    rows.append(("tokens kept", f"{tokens_kept_fraction:.1%}"))
+  rows += [(name, path) for name, path in [
+      ("workdir", workdir), ("model", model_dir), ("checkpoints", checkpoint_dir),
+      ("TensorBoard", tensorboard_dir), ("log", _log_file)] if path]
+  width = max(len(key) for key, _ in rows) if rows else 0
+  lines = [f"{title} in {_duration(wall_time_s)}."]
+  lines += [f"  {key:<{width}}  {text}" for key, text in rows]
+  if tensorboard_dir:
+    lines.append(f"Curves:   tensorboard --logdir {shlex.quote(tensorboard_dir)}")
+  if model_dir:
+    command = f"python -m rlt_jax.predict --checkpoint {shlex.quote(model_dir)} --video FILE.mp4"
+    lines.append(f"Predict:  {command}" + (f" --labels {shlex.quote(labels)}" if labels else ""))
+  return "\n".join(lines)
