@@ -2,10 +2,12 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from rlt_jax import build_tfrecords, dmvr, input_pipeline, tfrecord, video
+from rlt_jax import build_tfrecords, dmvr, tfrecord, video
 from videos import write_video
 
 GOOD = {"abc_000010_000020": ("juggling", ".mp4"), "def_000000_000010": ("abseiling", ".mp4"),
@@ -62,7 +64,7 @@ def test_kinetics_round_trip_with_bad_videos_skipped(kinetics, tmp_path, capsys)
   assert "cannot decode" in reasons["corrupt_000000_000010"]
   assert "empty_000000_000010" in reasons
 
-  shards = input_pipeline.list_shards(str(out / "train.tfrecord-*"))
+  shards = tfrecord.list_shards(str(out / "train.tfrecord-*"))
   assert [s.name for s in shards] == [f"train.tfrecord-0000{i}-of-00003" for i in range(3)]
   parsed = {r.video_id: r for s in shards for r in map(dmvr.parse, tfrecord.read_records(s))}
   assert set(parsed) == set(GOOD)
@@ -92,9 +94,12 @@ def test_an_interrupted_conversion_resumes_without_redoing_finished_shards(kinet
   monkeypatch.setattr(build_tfrecords, "encode", dies_on_the_fifth)
   with pytest.raises(RuntimeError, match="killed"):
     convert(kinetics, out, num_shards=3, workers=1)
-  finished = sorted(p.name for p in out.glob("train.tfrecord-*") if "index" not in p.name)
+  finished = sorted(p.name for p in out.glob("train.tfrecord-*"))
   assert finished == ["train.tfrecord-00000-of-00003"]  # shards of 3 videos: one complete
   assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written shard
+  assert json.loads((out / "train.summary.json").read_text())["complete"] is False
+  with pytest.raises(ValueError, match="1 of 3 shards present"):
+    tfrecord.list_shards(str(out / "train.tfrecord-*"))
   mtime = (out / finished[0]).stat().st_mtime_ns
 
   calls.clear()
@@ -103,8 +108,10 @@ def test_an_interrupted_conversion_resumes_without_redoing_finished_shards(kinet
   assert len(calls) == 6  # only the two unfinished shards were converted
   assert (out / finished[0]).stat().st_mtime_ns == mtime
   summary = json.loads((out / "train.summary.json").read_text())
-  assert summary["written"] + summary["skipped_count"] == 9
-  with pytest.raises(SystemExit, match="unfinished 'train' conversion"):
+  assert summary["written"] + summary["skipped_count"] == 9 and summary["complete"] is True
+  assert len(tfrecord.list_shards(str(out / "train.tfrecord-*"))) == 3
+  with pytest.raises(SystemExit, match=r"differs from this one \(its shard count differs "
+                     r"\(3, now 2\)\).*--overwrite"):
     (out / "train.tfrecord-00002-of-00003").unlink()
     convert(kinetics, out, num_shards=2, workers=1)
 
@@ -151,3 +158,111 @@ def test_path_label_lists_and_bad_annotations(tmp_path):
   with pytest.raises(SystemExit, match="--annotations .*nowhere.csv: no such file"):
     build_tfrecords.main(["--format", "kinetics", "--annotations", str(tmp_path / "nowhere.csv"),
                           *base])
+
+
+def tiny_list(tmp_path, lines=("a.mp4 0", "b.mp4 1")):
+  """A 'path label' list of two short videos, and the arguments that convert it."""
+  for name in ("a.mp4", "b.mp4"):
+    if not (tmp_path / name).exists():
+      write_video(tmp_path / name, frames=6, height=32, width=48)
+  (tmp_path / "list.txt").write_text("".join(f"{line}\n" for line in lines))
+  return ["--format", "list", "--annotations", str(tmp_path / "list.txt"), "--video_dir",
+          str(tmp_path), "--output_dir", str(tmp_path / "out"), "--split", "x", "--workers", "1",
+          "--min_frames", "4", "--short_side", "32"]
+
+
+def test_no_write_follows_a_symlink_planted_at_a_temporary_name(tmp_path):
+  """The old writers used `.NAME.tmp` (classes: `classes.txt.tmp`) under the output folder."""
+  victim = tmp_path / "victim"
+  victim.write_text("precious")
+  out = tmp_path / "out"
+  (out / ".x.progress").mkdir(parents=True)
+  for name in (".x.summary.json.tmp", "classes.txt.tmp", ".x.tfrecord-00000-of-00001.tmp",
+               ".x.tfrecord-00000-of-00001.index.npy.tmp", ".x.progress/.plan.json.tmp",
+               ".x.progress/.00000.json.tmp"):
+    (out / name).symlink_to(victim)
+  build_tfrecords.main(tiny_list(tmp_path))
+  assert victim.read_text() == "precious"
+  assert json.loads((out / "x.summary.json").read_text())["complete"] is True
+
+
+def test_a_rerun_with_other_labels_is_refused_and_overwrite_rebuilds(tmp_path):
+  """Resuming used to check only the video ids: new labels landed next to shards of old ones."""
+  args = tiny_list(tmp_path) + ["--num_shards", "2"]
+  build_tfrecords.main(args)
+  tiny_list(tmp_path, ["a.mp4 1", "b.mp4 0"])
+  with pytest.raises(SystemExit, match=r"videos or labels of 2 of its shards differ: "
+                     r"x.tfrecord-00000-of-00002, x.tfrecord-00001-of-00002\).*--overwrite"):
+    build_tfrecords.main(args)
+  build_tfrecords.main(args + ["--overwrite"])
+  shards = tfrecord.list_shards(str(tmp_path / "out" / "x.tfrecord-*"))
+  labels = {r.video_id: r.label for s in shards for r in map(dmvr.parse, tfrecord.read_records(s))}
+  assert labels == {"a": 1, "b": 0}
+  with pytest.raises(SystemExit, match=r"classes.txt:1: lists other classes .*'0' vs 'walk'"):
+    (tmp_path / "c.txt").write_text("walk\nrun\n")
+    build_tfrecords.main(args + ["--overwrite", "--classes", str(tmp_path / "c.txt")])
+  build_tfrecords.main([*tiny_list(tmp_path, ["a.mp4 1"]), "--split", "y"])  # shares classes.txt
+
+
+def test_repeated_videos_are_dropped_and_conflicting_ones_refused(tmp_path, caplog):
+  build_tfrecords.main(tiny_list(tmp_path, ["a.mp4 0", "b.mp4 1", "a.mp4 0"]))
+  assert "videos listed again with the same label: 1" in caplog.text
+  assert "'a' at " in caplog.text and "list.txt:3 (first at " in caplog.text
+  (record_a, record_b) = sorted(map(dmvr.parse, tfrecord.read_records(
+      tmp_path / "out" / "x.tfrecord-00000-of-00001")), key=lambda r: r.video_id)
+  assert (record_a.video_id, record_b.video_id) == ("a", "b")
+  with pytest.raises(SystemExit, match=r"videos listed again with other values: 1 \('a' at "
+                     r".*list.txt:1 and .*list.txt:3: label 0 vs 1"):
+    build_tfrecords.main(tiny_list(tmp_path, ["a.mp4 0", "b.mp4 1", "a.mp4 1"]) + ["--overwrite"])
+
+
+def test_bad_input_is_one_line_naming_file_and_line_before_any_work(tmp_path):
+  base = ["--video_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--split", "x"]
+
+  def fails(name, content, match, fmt="kinetics", extra=()):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit, match=match):
+      build_tfrecords.main(["--format", fmt, "--annotations", str(tmp_path / name), *base,
+                            *extra])
+
+  header = b"label,youtube_id,time_start,time_end,split\n"
+  fails("short.csv", header + b"a,abc,0,10,train\nb,def,0\n",
+        r"short.csv:3: expected 5 fields \(label,youtube_id,time_start,time_end,split\), got 3")
+  fails("long.csv", header + b"a,abc,0,10,train,extra\n", r"long.csv:2: expected 5 fields")
+  fails("latin1.csv", header + b"caf\xe9,abc,0,10,train\n",
+        r"latin1.csv:2: byte 0xe9 at column 4 is not UTF-8; expected a Kinetics CSV in UTF-8")
+  fails("nolabel.csv", header + b",abc,0,10,train\n", r"nolabel.csv:2: expected a label")
+  fails("header.csv", b"a,b\n1,2\n", r"header.csv:1: expected a Kinetics CSV header")
+  fails("list.txt", b"a.mp4 0\n\xff.mp4 1\n", r"list.txt:2: byte 0xff .* not UTF-8", "list")
+  (tmp_path / "labels.json").write_text('{"Pushing": "0", "Pulling": "2"}')
+  fails("train.json", b'[{"id": "1", "template": "Pushing"}]',
+        r"labels.json: expected \{template: index\} with each index from 0", "ssv2")
+  (tmp_path / "labels.json").write_text('{"Pushing": "0", "Pulling": "1"}')
+  fails("train.json", b'[{"id": "1",\n "template": "Pushing"\n', r"train.json:3: ", "ssv2")
+  fails("train.json", b'[{"id": "1", "template": "Poking"}]',
+        r"train.json: item 0 \(id 1\): template 'Poking' is not in", "ssv2")
+  with pytest.raises(SystemExit, match=r"--video_dir .*nowhere: no such directory"):
+    build_tfrecords.main(["--format", "list", "--annotations", str(tmp_path / "list.txt"),
+                          "--video_dir", str(tmp_path / "nowhere"), "--output_dir", "o",
+                          "--split", "x"])
+  assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
+  (tmp_path / "k.csv").write_text("label,youtube_id,time_start,time_end,split\na,abc\n")
+  script = os.path.join(os.path.dirname(__file__), "..", "data", "build_tfrecords.py")
+  result = subprocess.run(
+      [sys.executable, script, "--format", "kinetics", "--annotations", str(tmp_path / "k.csv"),
+       "--video_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--split", "x"],
+      capture_output=True, text=True)
+  assert result.returncode == 1
+  assert result.stderr == f"error: {tmp_path / 'k.csv'}:2: expected 5 fields " \
+                          "(label,youtube_id,time_start,time_end,split), got 2\n"
+
+
+def test_two_conversions_of_one_split_do_not_run_at_once(tmp_path):
+  from rlt_jax import files
+  (tmp_path / "out" / ".x.progress").mkdir(parents=True)
+  with files.workdir_lock(tmp_path / "out" / ".x.progress"):
+    with pytest.raises(SystemExit, match="another conversion of 'x' is running there"):
+      build_tfrecords.main(tiny_list(tmp_path))
