@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import einops
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +30,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 POLICIES = ("none", "rlt", "random")
-OVERFLOW_POLICIES = ("error", "drop_least_changed", "full")
 
 Array = Any  # np.ndarray or jax.Array
 
@@ -122,210 +120,83 @@ def random_mask(rng: jax.Array, batch: int, grid: tuple[int, int, int],
 
 
 # ------------------------------------------------------------------------------------------
-# Static-capacity batching.
+# The policy.
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
-  """How tokens are chosen and laid out; hashable, so it can be a flax module attribute.
+class Policy:
+  """Which tokens a clip keeps. The single source of τ for the model, pipeline and tools.
 
-  policy: 'none' (all N tokens), 'rlt' (score > threshold), 'random' (round(N·keep_fraction)
-    uniformly random tokens per clip).
-  capacity: tokens per clip row when not packing (None: N, no overflow possible).
-  packing, row_length, num_rows: pack clips greedily, in order, into num_rows rows of
-    row_length tokens (None: N) with segment ids.
-  overflow: what happens to a clip whose kept tokens do not fit. 'error': its last tokens
-    are cut, it is counted, and `raise_on_overflow` raises outside jit; 'drop_least_changed':
-    keep the `capacity` most-changed tokens (padding only); 'full': any overflowing batch runs
-    padded at capacity N instead (both shapes are compiled, one runs). Overflowing clips are
-    always counted in the model's output.
+  kind: 'none' | 'rlt' | 'random'. threshold: τ for 'rlt', on ImageNet-normalised pixels.
+  keep_fraction: p for 'random'. max_tokens: an explicit, lossy cap: a clip that keeps more
+    keeps its `max_tokens` most-changed tokens (None: never drop a kept token).
   """
-  policy: str = "none"
+  kind: str = "none"
   threshold: float = 0.1
   keep_fraction: float = 0.5
-  capacity: int | None = None
-  packing: bool = False
-  row_length: int | None = None
-  num_rows: int | None = None
-  overflow: str = "error"
+  max_tokens: int | None = None
 
   def __post_init__(self):
-    if self.policy not in POLICIES:
-      raise ValueError(f"tokenizer.policy={self.policy!r}: expected one of {POLICIES}")
-    if self.overflow not in OVERFLOW_POLICIES:
-      raise ValueError(f"tokenizer.overflow={self.overflow!r}: expected one of {OVERFLOW_POLICIES}")
-    if self.policy == "random":
+    if self.kind not in POLICIES:
+      raise ValueError(f"rlt.policy={self.kind!r}: expected one of {POLICIES}")
+    if not (math.isfinite(self.threshold) and self.threshold >= 0):
+      raise ValueError(f"rlt.threshold={self.threshold!r}: expected a finite number ≥ 0")
+    if self.kind == "random":
       random_keep_count(1, self.keep_fraction)
-    for name in ("capacity", "row_length", "num_rows"):
-      value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"tokenizer.{name}={value!r}: expected a positive int or None")
-    if self.packing:
-      if self.num_rows is None:
-        raise ValueError("tokenizer.packing=True needs tokenizer.num_rows (rows per batch)")
-      if self.capacity is not None:
-        raise ValueError("tokenizer.capacity is for padded batches; with packing set row_length")
-      if self.overflow == "drop_least_changed":
-        raise ValueError("tokenizer.overflow='drop_least_changed' needs padded batches "
-                         "(packing=False); with packing use 'error' or 'full'")
-    elif self.row_length is not None or self.num_rows is not None:
-      raise ValueError("tokenizer.row_length/num_rows are for packing=True; "
-                       "for padded batches set capacity")
+    if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
+                                        or self.max_tokens < 1):
+      raise ValueError(f"rlt.max_tokens={self.max_tokens!r}: expected a positive int or None")
 
 
-@flax.struct.dataclass
-class TokenBatch:
-  """Tokens of B clips in R rows of L slots.
+def select(frames: jax.Array, policy: Policy, *, tubelet_size: int, patch_size: int,
+           rng: jax.Array | None = None, valid: jax.Array | None = None) -> jax.Array:
+  """The keep mask (B, N) of normalised frames (B, T, H, W, 3) in (t, y, x) token order.
 
-  patches (R, L, ts·p·p·3) normalised pixels of each token (zeros in padding);
-  positions (R, L) the token's flat (t, y, x) index in its clip; lengths (R, L) its run length;
-  segment_ids (R, L) clip index + 1, 0 for padding; kept (B,) tokens the policy kept per clip;
-  placed (B,) tokens that found a slot (less than kept only for overflowing clips).
-  packed: several clips may share a row (else row b holds clip b, valid slots first).
+  `rng` is needed by 'random' only. Clips with `valid` False keep no token (batch padding
+  costs nothing downstream).
   """
-  patches: jax.Array
-  positions: jax.Array
-  lengths: jax.Array
-  segment_ids: jax.Array
-  kept: jax.Array
-  placed: jax.Array
-  packed: bool = flax.struct.field(pytree_node=False, default=False)
-
-  @property
-  def num_overflow(self) -> jax.Array:
-    """How many clips lost tokens for lack of room."""
-    return jnp.sum(self.placed < self.kept).astype(jnp.int32)
-
-
-@flax.struct.dataclass
-class Selection:
-  """All N tokens of each clip, before compaction: patches (B, N, P), which to keep (B, N),
-  run lengths (B, N) and change scores (B, N)."""
-  patches: jax.Array
-  mask: jax.Array
-  lengths: jax.Array
-  scores: jax.Array
-
-
-def patchify(frames: Array, tubelet_size: int, patch_size: int) -> Array:
-  """(B, T, H, W, C) → (B, N, ts·p·p·C) in (t, y, x) token order, Conv3d kernel order inside."""
-  return einops.rearrange(frames, "b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)",
-                          pt=tubelet_size, ph=patch_size, pw=patch_size)
-
-
-def select_tokens(frames: jax.Array, config: TokenizerConfig, *, tubelet_size: int,
-                  patch_size: int, rng: jax.Array | None = None) -> Selection:
-  """Applies the policy to normalised frames (B, T, H, W, 3); `rng` only for 'random'."""
   grid = token_grid(frames.shape, tubelet_size, patch_size)
   batch = frames.shape[0]
-  scores = change_scores(frames, tubelet_size=tubelet_size, patch_size=patch_size)
-  if config.policy == "rlt":
-    mask = scores > config.threshold
-  elif config.policy == "random":
+  if policy.kind == "random":
     if rng is None:
-      raise ValueError("tokenizer.policy='random' needs an rng (the model's 'tokens' stream)")
-    mask = random_mask(rng, batch, grid, config.keep_fraction)
+      raise ValueError("rlt.policy='random' needs an rng")
+    mask = random_mask(rng, batch, grid, policy.keep_fraction).reshape(batch, -1)
+  elif policy.kind == "rlt" or policy.max_tokens is not None:
+    scores = change_scores(frames, tubelet_size=tubelet_size, patch_size=patch_size)
+    scores = scores.reshape(batch, -1)
+    mask = scores > policy.threshold if policy.kind == "rlt" else jnp.ones(scores.shape, bool)
+    if policy.max_tokens is not None and policy.max_tokens < mask.shape[1]:
+      mask = _keep_most_changed(mask, scores, policy.max_tokens)
   else:
-    mask = jnp.ones(scores.shape, bool)
-  return Selection(
-      patches=patchify(frames, tubelet_size, patch_size),
-      mask=mask.reshape(batch, -1),
-      lengths=run_lengths(mask).reshape(batch, -1),
-      scores=scores.reshape(batch, -1))
+    mask = jnp.ones((batch, math.prod(grid)), bool)
+  if valid is not None:
+    mask = mask & valid[:, None]
+  return mask
 
 
-def _place_step(row_length: int, xp=jnp):
-  """Greedy in-order packing step over clips: carry (row, fill) → (row, start) of a clip.
-
-  Shared by the host (`pack_rows_needed`, numpy) and the device (`compact`, lax.scan) so
-  both agree on where each clip goes. A clip longer than a row gets a row of its own.
-  """
-  def step(carry, count):
-    row, fill = carry
-    count = xp.minimum(count, row_length)
-    starts_new = fill + count > row_length
-    row = xp.where(starts_new, row + 1, row)
-    start = xp.where(starts_new, 0, fill)
-    return (row, start + count), (row, start)
-  return step
-
-
-def pack_rows_needed(kept_counts: Sequence[int], row_length: int) -> int:
-  """Rows the in-order greedy packing of `compact` needs for these per-clip counts."""
-  step = _place_step(row_length, np)
-  carry, row = (np.int64(0), np.int64(0)), -1
-  for count in np.asarray(kept_counts, np.int64):
-    carry, (row, _) = step(carry, count)
-  return int(row) + 1
-
-
-def compact(selection: Selection, config: TokenizerConfig) -> TokenBatch:
-  """Gathers each clip's kept tokens, in original order, into static-shape rows."""
-  patches, mask = selection.patches, selection.mask
-  batch, n, _ = patches.shape
-  kept = mask.sum(-1).astype(jnp.int32)
-  if config.packing:
-    num_rows, row_length = config.num_rows, config.row_length or n
-    _, (rows, starts) = jax.lax.scan(
-        _place_step(row_length), (jnp.int32(0), jnp.int32(0)), kept)
-  else:
-    num_rows, row_length = batch, config.capacity or n
-    rows, starts = jnp.arange(batch), jnp.zeros(batch, jnp.int32)
-    if config.overflow == "drop_least_changed" and row_length < n:
-      mask = _keep_most_changed(mask, selection.scores, row_length)
-
-  rank = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
-  fits = mask & (rank < row_length - starts[:, None]) & (rows[:, None] < num_rows)
-  size = num_rows * row_length
-  dest = jnp.where(fits, rows[:, None] * row_length + starts[:, None] + rank, size)
-  source = jnp.full((size,), -1, jnp.int32).at[dest.ravel()].set(
-      jnp.arange(batch * n, dtype=jnp.int32), mode="drop")
-  valid = source >= 0
-  index = jnp.maximum(source, 0)
-  gathered = patches.reshape(batch * n, -1)[index]
-  return TokenBatch(
-      patches=jnp.where(valid[:, None], gathered, 0).reshape(num_rows, row_length, -1),
-      positions=jnp.where(valid, index % n, 0).reshape(num_rows, row_length),
-      lengths=jnp.where(valid, selection.lengths.reshape(-1)[index], 0).reshape(
-          num_rows, row_length),
-      segment_ids=jnp.where(valid, index // n + 1, 0).reshape(num_rows, row_length),
-      kept=kept,
-      placed=fits.sum(-1).astype(jnp.int32),
-      packed=config.packing)
-
-
-def _keep_most_changed(mask: jax.Array, scores: jax.Array, capacity: int) -> jax.Array:
-  """Of each clip's kept tokens, keeps the `capacity` with the largest change score."""
+def _keep_most_changed(mask: jax.Array, scores: jax.Array, cap: int) -> jax.Array:
+  """Of each clip's kept tokens, the `cap` with the largest change score (ties: earliest)."""
   ranked = jnp.where(mask, scores, -jnp.inf)
-  cutoff = jax.lax.top_k(ranked, capacity)[0][:, -1:]
-  return mask & (ranked >= cutoff)
+  _, chosen = jax.lax.top_k(ranked, cap)
+  top = jnp.zeros(mask.shape, bool).at[jnp.arange(mask.shape[0])[:, None], chosen].set(True)
+  return mask & top
 
 
-def raise_on_overflow(num_overflow: Array, config: TokenizerConfig) -> None:
-  """Host-side check for overflow='error' (call it on the model output, outside jit)."""
-  count = int(np.asarray(num_overflow))
-  if count and config.overflow == "error":
-    where = (f"packing into {config.num_rows} rows of {config.row_length or 'N'} tokens"
-             if config.packing else f"capacity {config.capacity}")
-    raise OverflowError(
-        f"{count} clip(s) kept more tokens than fit ({where}); raise the capacity, pick it "
-        "per batch with choose_capacity, or set tokenizer.overflow to "
-        "'drop_least_changed' or 'full'")
+def kept_counts(frames: np.ndarray, policy: Policy, *, tubelet_size: int,
+                patch_size: int) -> np.ndarray:
+  """Tokens each uint8 clip (B, T, H, W, 3) keeps under `policy`, on the host, int32 (B,).
 
-
-# ------------------------------------------------------------------------------------------
-# Capacity buckets: a bounded set of static shapes.
-
-
-def capacity_buckets(num_tokens: int, step: int = 128) -> tuple[int, ...]:
-  """Multiples of `step` below N, then N: a run compiles at most one forward per bucket."""
-  return tuple(range(step, num_tokens, step)) + (num_tokens,)
-
-
-def choose_capacity(kept_counts: Sequence[int], buckets: Sequence[int]) -> int:
-  """Smallest bucket that holds the largest clip of the batch."""
-  need = int(np.max(np.asarray(kept_counts)))
-  for bucket in sorted(buckets):
-    if bucket >= need:
-      return int(bucket)
-  raise ValueError(f"a clip keeps {need} tokens, more than the largest bucket {max(buckets)}")
+  For ordering clips by cost before batching; the device recomputes the exact mask itself.
+  """
+  num = math.prod(token_grid(frames.shape, tubelet_size, patch_size))
+  if policy.kind == "rlt":
+    mask = keep_mask(normalize(frames), threshold=policy.threshold, tubelet_size=tubelet_size,
+                     patch_size=patch_size)
+    counts = mask.reshape(len(frames), -1).sum(-1)
+  elif policy.kind == "random":
+    counts = np.full(len(frames), random_keep_count(num, policy.keep_fraction))
+  else:
+    counts = np.full(len(frames), num)
+  if policy.max_tokens is not None:
+    counts = np.minimum(counts, policy.max_tokens)
+  return counts.astype(np.int32)

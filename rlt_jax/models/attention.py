@@ -1,16 +1,19 @@
-"""The one attention function every block calls, over rows of tokens with segment ids.
+"""The one attention function every block calls: rows of one clip each, valid tokens first.
 
-Tokens attend only to tokens of the same segment. Segment 0 is padding: padding attends only
-to padding, so no row is ever fully masked (no NaNs) and real tokens never see padding.
+Row r holds `lengths[r]` real tokens followed by padding. Real tokens attend only to real
+tokens of their row; padding queries get finite values that the caller discards; a row with
+no tokens (batch padding) stays finite too.
 
 Implementations (config `model.attention`):
-  'xla'    plain einsum + fp32 softmax; any backend; the reference.
-  'cudnn'  `jax.nn.dot_product_attention(implementation='cudnn')` (GPU, bf16/fp16): padded
-           batches pass sequence lengths (cuDNN skips padding), packed ones a segment mask.
-  'splash' TPU Pallas splash attention with segment ids; it does not scale q, so we do.
-           Off TPU it runs in Pallas interpret mode (slow; for checking only).
-  'auto'   splash on a single TPU device when rows are multiples of 128, cudnn on GPU for
-           16-bit inputs, else xla.
+  'xla'    plain einsum + fp32 softmax with a key-length mask; any backend; the reference.
+  'cudnn'  `jax.nn.dot_product_attention(implementation='cudnn')` with per-row sequence
+           lengths, so cuDNN skips the padding (GPU, bf16/fp16).
+  'splash' TPU Pallas splash attention with segment ids (real 1, padding 0); it does not
+           scale q, so we do. Under a mesh set with `jax.set_mesh` (the trainer and evaluator
+           do) the kernel runs per device in `shard_map` over the batch axes, so pod slices use
+           it too. Off TPU it runs in Pallas interpret mode (for checking only).
+  'auto'   splash on TPU when rows are multiples of 128, cudnn on GPU for 16-bit inputs,
+           else xla.
 """
 
 from __future__ import annotations
@@ -23,47 +26,53 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                          *, valid_lengths: jax.Array | None = None,
-                          implementation: str = "xla") -> jax.Array:
-  """Multi-head attention. q, k, v: (B, L, heads, head_dim); segment_ids: (B, L) int32.
+def resolve(attention: str, dtype, length: int) -> str:
+  """The implementation 'auto' picks for this backend, dtype and row length."""
+  if attention not in IMPLEMENTATIONS:
+    raise ValueError(f"model.attention={attention!r}: expected one of {IMPLEMENTATIONS}")
+  if attention != "auto":
+    return attention
+  backend = jax.default_backend()
+  if backend == "tpu" and length % 128 == 0:
+    return "splash"
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
 
-  valid_lengths (B,): when given, each row's real tokens are its first valid_lengths slots
-  and it holds a single segment (a padded batch), which lets cuDNN skip the padding.
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
+                          attention: str = "xla", bias: jax.Array | None = None) -> jax.Array:
+  """Multi-head attention. q, k, v: (R, C, heads, head_dim); lengths (R,) int32.
+
+  bias (R, C), if given, is added to every query's logit of each key instead of the length
+  mask (ToMe's proportional attention, whose real tokens need not come first); XLA runs it.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"model.attention={implementation!r}: expected one of {IMPLEMENTATIONS}")
-  if implementation == "auto":
-    backend = jax.default_backend()
-    if backend == "tpu" and q.shape[1] % 128 == 0 and jax.device_count() == 1:
-      implementation = "splash"  # not yet wrapped in shard_map for multi-device meshes
-    elif backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-      implementation = "cudnn"
-    else:
-      implementation = "xla"
-  if implementation == "xla":
-    return _xla_attention(q, k, v, segment_ids)
-  if implementation == "cudnn":
-    return _cudnn_attention(q, k, v, segment_ids, valid_lengths)
-  return _splash_attention(q, k, v, segment_ids)
+  if bias is not None:
+    return _xla_attention(q, k, v, None, bias)
+  attention = resolve(attention, q.dtype, q.shape[1])
+  if attention == "xla":
+    return _xla_attention(q, k, v, lengths)
+  if attention == "cudnn":
+    return _cudnn_attention(q, k, v, lengths)
+  return _splash_attention(q, k, v, lengths)
 
 
-def _xla_attention(q, k, v, segment_ids):
+def _xla_attention(q, k, v, lengths, bias=None):
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-  logits = jnp.where(same, logits, jnp.finfo(jnp.float32).min)
+  if bias is not None:
+    logits = logits + bias[:, None, None, :].astype(jnp.float32)
+  else:
+    real = jnp.arange(k.shape[1]) < lengths[:, None]
+    logits = jnp.where(real[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def _cudnn_attention(q, k, v, segment_ids, valid_lengths):
-  if valid_lengths is not None:
-    return jax.nn.dot_product_attention(
-        q, k, v, query_seq_lengths=valid_lengths, key_value_seq_lengths=valid_lengths,
-        implementation="cudnn")
-  same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-  return jax.nn.dot_product_attention(q, k, v, mask=same, implementation="cudnn")
+def _cudnn_attention(q, k, v, lengths):
+  lengths = jnp.maximum(lengths, 1).astype(jnp.int32)  # an empty row: its output is discarded
+  return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                      key_value_seq_lengths=lengths, implementation="cudnn")
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,15 +87,26 @@ def _splash_kernel(length: int, heads: int, interpret: bool):
                                 interpret=interpret)
 
 
-def _splash_attention(q, k, v, segment_ids):
+def _splash_attention(q, k, v, lengths):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   batch, length, heads, head_dim = q.shape
   if length % 128:
-    raise ValueError(f"splash attention needs a row length that is a multiple of 128, got "
-                     f"{length}: set tokenizer.capacity / row_length accordingly")
+    raise ValueError(f"splash attention needs rows whose length is a multiple of 128, got "
+                     f"{length}: set layout.capacity_step to a multiple of 128")
   kernel = _splash_kernel(length, heads, jax.default_backend() != "tpu")
   q = q * jnp.asarray(head_dim ** -0.5, q.dtype)  # splash does not scale q itself
-  to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # (B, heads, L, d)
-  out = jax.vmap(kernel)(to_heads_first(q), to_heads_first(k), to_heads_first(v),
-                         splash.SegmentIds(q=segment_ids, kv=segment_ids))
-  return to_heads_first(out)
+  segments = (jnp.arange(length) < lengths[:, None]).astype(jnp.int32)
+  to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # (R, heads, C, d)
+
+  def local(q, k, v, segments):
+    out = jax.vmap(kernel)(to_heads_first(q), to_heads_first(k), to_heads_first(v),
+                           splash.SegmentIds(q=segments, kv=segments))
+    return to_heads_first(out)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return local(q, k, v, segments)
+  from jax.sharding import PartitionSpec as P
+  rows = P(tuple(a for a in ("data", "fsdp") if a in mesh.axis_names))
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows,
+                       check_vma=False)(q, k, v, segments)

@@ -1,16 +1,19 @@
 """The VideoMAE-2 fine-tuning ViT (OpenGVLab/VideoMAEv2 `modeling_finetune.py`) over RLT tokens.
 
-Math follows shared/specs/videomae2.md exactly, so converted checkpoints reproduce the
-PyTorch logits: tubelet embedding (a Conv3d with kernel = stride, applied as one matmul per
-token), a fixed float64-built interleaved sin/cos table, pre-norm blocks with q/v biases and a
-zero key bias, exact GELU, LayerNorm eps 1e-6, mean pooling → fc_norm → head.
+Math follows docs/videomae2.md exactly, so converted checkpoints reproduce the PyTorch logits:
+tubelet embedding (a Conv3d with kernel = stride, applied as one matmul per token), a fixed
+float64-built interleaved sin/cos table, pre-norm blocks with q/v biases and a zero key bias,
+exact GELU, LayerNorm eps 1e-6, mean pooling → fc_norm → head.
 
-The model runs on a `rlt.TokenBatch` (rows of tokens with segment ids), so padding and
-packing are invisible to it; given frames it tokenises them first with its `tokenizer`.
+The model consumes a `layout.TokenBatch`: token-wise layers run on its slots, attention on one
+row per clip (`layout.to_rows` / `from_rows`), so padding and the layout are invisible to the
+math. `ModelSpec` is the one record of an architecture: built from a variant name, saved as
+model.json, read back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -20,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlt_jax import rlt
+from rlt_jax import layout
+from rlt_jax.models import tome
 from rlt_jax.models.attention import dot_product_attention
 
 # name: (width, depth, heads, MLP hidden, patch size). ViT-g's MLP width is written down.
@@ -37,12 +41,77 @@ LAYER_NORM_EPS = 1e-6
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def variant(name: str) -> dict[str, int]:
-  """Architecture fields of a named variant, for `VisionTransformer(**variant(name), ...)`."""
-  if name not in VARIANTS:
-    raise ValueError(f"model.variant={name!r}: expected one of {sorted(VARIANTS)}")
-  width, depth, heads, mlp_dim, patch = VARIANTS[name]
-  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim, patch_size=patch)
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute each block in the backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A model's architecture: what model.json holds and every builder reads."""
+  num_classes: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int = 16
+  tubelet_size: int = 2
+  num_frames: int = 16
+  image_size: int = 224
+  length_embedding: bool = False
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if f.type == "bool" or f.name == "length_embedding":
+        if not isinstance(value, bool):
+          raise ValueError(f"model.{f.name}={value!r}: expected true or false")
+      elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"model.{f.name}={value!r}: expected a positive integer")
+    if self.width % self.num_heads:
+      raise ValueError(f"model.width={self.width} is not divisible by num_heads="
+                       f"{self.num_heads}")
+    if self.num_frames % self.tubelet_size or self.image_size % self.patch_size:
+      raise ValueError(f"model: num_frames={self.num_frames} must be a multiple of "
+                       f"tubelet_size={self.tubelet_size} and image_size={self.image_size} of "
+                       f"patch_size={self.patch_size}")
+
+  @classmethod
+  def from_variant(cls, name: str, **overrides) -> "ModelSpec":
+    """A named variant (`VARIANTS`) with any field overridden."""
+    if name not in VARIANTS:
+      raise ValueError(f"model.variant={name!r}: expected one of {sorted(VARIANTS)}")
+    width, depth, heads, mlp_dim, patch = VARIANTS[name]
+    return cls(**(dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
+                       patch_size=patch) | overrides))
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any], source: str = "model.json") -> "ModelSpec":
+    """From a saved dict; unknown or missing keys are an error naming `source`."""
+    if not isinstance(fields, dict):
+      raise ValueError(f"{source}: expected a JSON object, got {type(fields).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+      raise ValueError(f"{source}: unknown model fields {unknown}; expected {sorted(names)}")
+    try:
+      return cls(**fields)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{source}: {e}") from None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @property
+  def grid(self) -> tuple[int, int, int]:
+    side = self.image_size // self.patch_size
+    return self.num_frames // self.tubelet_size, side, side
+
+  @property
+  def num_tokens(self) -> int:
+    return int(np.prod(self.grid))
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,35 +137,33 @@ def _torch_default_uniform(fan_in: int):
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 
-@flax.struct.dataclass
-class Output:
-  """logits (B, classes) float32; kept (B,) tokens the policy kept; placed (B,) tokens that
-  ran; num_overflow: clips that did not fit their row (reported, never hidden)."""
-  logits: jax.Array
-  kept: jax.Array
-  placed: jax.Array
-  num_overflow: jax.Array
-
-
 class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
-  implementation: str = "xla"
+  attention: str = "xla"
 
   @nn.compact
-  def __call__(self, x, segment_ids, valid_lengths):
-    rows, length, width = x.shape
+  def __call__(self, x, tokens: layout.TokenBatch | None = None, bias=None):
+    """x on the layout's slots (G, L, D) with `tokens`, or on clip rows (R, C, D) with a key
+    `bias` (R, C) (ToMe); returns (output like x, keys (…, heads, head_dim))."""
+    width = x.shape[-1]
     qkv = nn.Dense(3 * width, use_bias=False, dtype=self.dtype, kernel_init=trunc_normal,
                    name="qkv")(x)
     q_bias = self.param("q_bias", nn.initializers.zeros, (width,))
     v_bias = self.param("v_bias", nn.initializers.zeros, (width,))
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q, v = q + q_bias.astype(self.dtype), v + v_bias.astype(self.dtype)  # key bias is zero
-    heads = lambda t: t.reshape(rows, length, self.num_heads, width // self.num_heads)
-    out = dot_product_attention(heads(q), heads(k), heads(v), segment_ids,
-                                valid_lengths=valid_lengths, implementation=self.implementation)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(
-        out.reshape(rows, length, width))
+    split = lambda t: t.reshape(*t.shape[:2], self.num_heads, -1)
+    if tokens is not None:
+      rows = lambda t: layout.to_rows(split(t), tokens)
+      out = dot_product_attention(rows(q), rows(k), rows(v), tokens.kept,
+                                  attention=self.attention)
+      out = layout.from_rows(out, tokens)
+    else:
+      out = dot_product_attention(split(q), split(k), split(v), None, bias=bias)
+    out = nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(
+        out.reshape(x.shape))
+    return out, split(k)
 
 
 class Mlp(nn.Module):
@@ -112,147 +179,116 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm block; drop path is one Bernoulli per clip (gathered to its tokens by segment)."""
+  """Pre-norm block; drop path is one Bernoulli per clip, applied to all its tokens.
+
+  On the layout's slots (`tokens` given), or on clip rows with ToMe: `size` (R, C) gives each
+  row slot's token size (0: padding) and `merge` tokens are merged after attention.
+  """
   num_heads: int
   mlp_dim: int
   drop_path: float = 0.0
   dropout: float = 0.0
   dtype: Any = jnp.float32
   attention: str = "xla"
+  merge: int = 0
 
   @nn.compact
-  def __call__(self, x, segment_ids, valid_lengths, num_clips: int, deterministic: bool):
+  def __call__(self, x, tokens: layout.TokenBatch | None, deterministic: bool, size=None):
     norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
-    y = Attention(self.num_heads, self.dtype, self.attention, name="attn")(
-        norm("norm1")(x), segment_ids, valid_lengths)
-    x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), segment_ids,
-                            num_clips, deterministic)
+    attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+    if tokens is not None:
+      owner = lambda y: jnp.take_along_axis(y, tokens.clip, axis=1)  # slot → its clip's draw
+      y, _ = attn(norm("norm1")(x), tokens)
+    else:
+      owner = lambda y: jnp.broadcast_to(y[:, :1], x.shape[:2])  # a row is one clip
+      y, keys = attn(norm("norm1")(x), bias=tome.attention_bias(size))
+    x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), owner, deterministic)
+    if tokens is None and self.merge:
+      matching = tome.bipartite_soft_matching(tome.metric_from_keys(keys), size > 0, self.merge)
+      x, size = tome.merge(x, size, matching)
     y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
-    return x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), segment_ids,
-                               num_clips, deterministic)
+    x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), owner, deterministic)
+    return x if tokens is not None else (x, size)
 
-  def _drop_path(self, y, segment_ids, num_clips, deterministic):
+  def _drop_path(self, y, owner, deterministic):
     if deterministic or self.drop_path == 0.0:
       return y
     keep = 1.0 - self.drop_path
-    clip_keep = jax.random.bernoulli(self.make_rng("dropout"), keep, (num_clips + 1,))
-    scale = clip_keep[segment_ids].astype(y.dtype) / jnp.asarray(keep, y.dtype)
-    return y * scale[..., None]
+    draws = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0], y.shape[1] + 1))
+    scale = owner(draws.astype(y.dtype))
+    return y * (scale / jnp.asarray(keep, y.dtype))[..., None]
 
 
 class VisionTransformer(nn.Module):
-  """VideoMAE-2 ViT. Call it on frames (B, T, H, W, 3), uint8 or ImageNet-normalised, or on
-  a ready `rlt.TokenBatch`; returns an `Output` with per-clip logits.
+  """VideoMAE-2 ViT over a `layout.TokenBatch`; returns per-clip logits (B, classes) float32.
 
-  rngs: 'tokens' for tokenizer.policy='random'; 'dropout' for dropout/drop path when training.
+  rngs: 'dropout' for dropout / drop path when training. remat: a `REMAT_POLICIES` name.
+  tome: tokens merged in each block (Token Merging; `tome.schedule`); all zero: off, and the
+  code path is the plain one. With ToMe the tokens move to one row per clip first.
   """
-  num_classes: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  patch_size: int = 16
-  tubelet_size: int = 2
-  num_frames: int = 16
-  image_size: int = 224
-  length_embedding: bool = False
+  spec: ModelSpec
   dropout: float = 0.0
   drop_path: float = 0.0
   head_dropout: float = 0.0
   head_init_scale: float = 0.001
   dtype: Any = jnp.float32
   attention: str = "xla"
-  remat: bool = False
-  tokenizer: rlt.TokenizerConfig = rlt.TokenizerConfig()
-
-  @property
-  def grid(self) -> tuple[int, int, int]:
-    side = self.image_size // self.patch_size
-    return self.num_frames // self.tubelet_size, side, side
-
-  @property
-  def num_tokens(self) -> int:
-    return int(np.prod(self.grid))
+  remat: str = "none"
+  tome: tuple[int, ...] = ()
 
   def setup(self):
-    if self.width % self.num_heads:
-      raise ValueError(f"model width {self.width} is not divisible by {self.num_heads} heads")
-    fan_in = self.tubelet_size * self.patch_size ** 2 * 3
+    s = self.spec
+    fan_in = s.tubelet_size * s.patch_size ** 2 * 3
     self.patch_embed = nn.DenseGeneral(
-        self.width, axis=(-4, -3, -2, -1), dtype=self.dtype,
+        s.width, axis=(-4, -3, -2, -1), dtype=self.dtype,
         kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
         bias_init=_torch_default_uniform(fan_in), name="patch_embed")
-    if self.length_embedding:
-      self.length_table = self.param("length_embedding", trunc_normal,
-                                     (self.grid[0], self.width))
-    block = nn.remat(Block, static_argnums=(4, 5)) if self.remat else Block
-    rates = np.linspace(0.0, self.drop_path, self.depth)
-    self.blocks = [block(self.num_heads, self.mlp_dim, float(rate), self.dropout, self.dtype,
-                         self.attention, name=f"blocks_{i}") for i, rate in enumerate(rates)]
+    if s.length_embedding:
+      self.length_table = self.param("length_embedding", trunc_normal, (s.grid[0], s.width))
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+    if len(self.tome) > s.depth:
+      raise ValueError(f"model.tome has {len(self.tome)} entries for {s.depth} blocks")
+    block = Block
+    if self.remat != "none":  # argument 3 (`deterministic`) is a Python bool: static
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
+    rates = np.linspace(0.0, self.drop_path, s.depth)
+    merges = tuple(self.tome) + (0,) * (s.depth - len(self.tome))
+    self.blocks = [block(s.num_heads, s.mlp_dim, float(rate), self.dropout, self.dtype,
+                         self.attention, merges[i], name=f"blocks_{i}")
+                   for i, rate in enumerate(rates)]
     self.fc_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="fc_norm")
     self.head_drop = nn.Dropout(self.head_dropout)
     scaled = lambda init: lambda *a: init(*a) * self.head_init_scale
-    self.head = nn.Dense(self.num_classes, kernel_init=scaled(trunc_normal), name="head")
+    self.head = nn.Dense(s.num_classes, kernel_init=scaled(trunc_normal), name="head")
 
-  def __call__(self, video: jax.Array | rlt.TokenBatch, *, train: bool = False) -> Output:
-    if isinstance(video, rlt.TokenBatch):
-      return self.classify(video, train)
-    config = self.tokenizer
-    selection = self.select(video)
-    batch = rlt.compact(selection, config)
-    if config.overflow != "full" or self.is_initializing():
-      return self.classify(batch, train)
-    full = rlt.compact(selection, rlt.TokenizerConfig(overflow="full"))  # capacity N, padded
-    out = nn.cond(batch.num_overflow > 0,
-                  lambda model, full, batch: model.classify(full, train),
-                  lambda model, full, batch: model.classify(batch, train), self, full, batch)
-    return out.replace(num_overflow=batch.num_overflow)
-
-  def select(self, video: jax.Array) -> rlt.Selection:
-    """Normalises uint8 frames and applies the tokenizer's policy (draws 'tokens' if random)."""
-    frames = rlt.normalize(video) if video.dtype == jnp.uint8 else video
-    if tuple(frames.shape[1:]) != (self.num_frames, self.image_size, self.image_size, 3):
-      raise ValueError(f"frames of shape {tuple(frames.shape)}: this model takes (B, "
-                       f"{self.num_frames}, {self.image_size}, {self.image_size}, 3)")
-    rng = self.make_rng("tokens") if self.tokenizer.policy == "random" else None
-    return rlt.select_tokens(frames, self.tokenizer, tubelet_size=self.tubelet_size,
-                             patch_size=self.patch_size, rng=rng)
-
-  def classify(self, batch: rlt.TokenBatch, train: bool = False) -> Output:
+  def __call__(self, tokens: layout.TokenBatch, *, train: bool = False) -> jax.Array:
     """Logits of each clip from its tokens alone: padding is neither attended nor pooled."""
-    patches = batch.patches.reshape(
-        *batch.patches.shape[:2], self.tubelet_size, self.patch_size, self.patch_size, 3)
+    s = self.spec
+    patches = tokens.patches.reshape(
+        *tokens.patches.shape[:2], s.tubelet_size, s.patch_size, s.patch_size, 3)
     x = self.patch_embed(patches)
-    x = x + jnp.asarray(sinusoid_table(self.num_tokens, self.width))[batch.positions]
-    if self.length_embedding:
-      lengths = batch.lengths
+    x = x + jnp.asarray(sinusoid_table(s.num_tokens, s.width))[tokens.positions]
+    if s.length_embedding:
+      lengths = tokens.lengths
       x = x + jnp.where(lengths[..., None] > 0, self.length_table[jnp.maximum(lengths - 1, 0)],
                         0.0)
     x = x.astype(self.dtype)
-    num_clips = batch.kept.shape[0]
-    valid = batch.segment_ids > 0
-    valid_lengths = None if batch.packed else valid.sum(-1).astype(jnp.int32)
-    for block in self.blocks:
-      x = block(x, batch.segment_ids, valid_lengths, num_clips, not train)
-
-    x = x.astype(jnp.float32)
-    if batch.packed:  # sum each clip's tokens across rows with a one-hot matmul
-      owner = batch.segment_ids[..., None] == jnp.arange(1, num_clips + 1)
-      sums = jnp.einsum("rlb,rld->bd", owner.astype(x.dtype), x,
-                        precision=jax.lax.Precision.HIGHEST)
+    if not any(self.tome):
+      for block in self.blocks:
+        x = block(x, tokens, not train)
+      pooled = layout.pool(x, tokens)
     else:
-      sums = jnp.sum(jnp.where(valid[..., None], x, 0.0), axis=1)
-    pooled = sums / jnp.maximum(batch.placed, 1)[:, None].astype(x.dtype)
-    pooled = self.head_drop(self.fc_norm(pooled), not train)
-    return Output(logits=self.head(pooled), kept=batch.kept, placed=batch.placed,
-                  num_overflow=batch.num_overflow)
+      x = layout.to_rows(x, tokens)
+      size = (jnp.arange(x.shape[1]) < tokens.kept[:, None]).astype(jnp.float32)
+      for block in self.blocks:
+        x, size = block(x, None, not train, size)
+      pooled = tome.weighted_mean(x, size)
+    return self.head(self.head_drop(self.fc_norm(pooled), not train))
 
 
-def build(variant_name: str, *, num_classes: int, **overrides) -> VisionTransformer:
-  """A named variant with any field overridden (dtype may be given by name)."""
-  fields = variant(variant_name) | overrides
-  if isinstance(fields.get("dtype"), str):
-    if fields["dtype"] not in DTYPES:
-      raise ValueError(f"model.dtype={fields['dtype']!r}: expected one of {sorted(DTYPES)}")
-    fields["dtype"] = DTYPES[fields["dtype"]]
-  return VisionTransformer(num_classes=num_classes, **fields)
+def build(spec: ModelSpec, *, dtype: str = "float32", **runtime) -> VisionTransformer:
+  """The model of `spec` with run-time settings (dtype by name, attention, remat, dropout…)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"model.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+  return VisionTransformer(spec=spec, dtype=DTYPES[dtype], **runtime)

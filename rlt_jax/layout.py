@@ -1,0 +1,231 @@
+"""How kept tokens are laid out in static shapes, so that compute follows the kept tokens.
+
+RLT keeps a different number of tokens per clip (19%–96% on real video), but XLA compiles
+static shapes. A batch of B clips is cut into G groups of b = B/G clips, one per batch shard
+(so every gather below stays on its device), and each group's kept tokens are laid out as
+
+  'stream'  one packed stream of L = S slots holding every kept token of the group in clip
+            order, then padding. Token-wise layers (patch embedding, LayerNorms, qkv/proj,
+            MLP: most of the FLOPs) run on the stream, so their cost follows the group's total
+            kept count; attention gathers each clip's tokens into a row of C slots (C ≥ the
+            batch's largest clip) and scatters the result back. The default.
+  'padded'  one row of C slots per clip (L = b·C): simple, and what ToMe-style per-row
+            methods need; cost follows the batch's busiest clip.
+
+Either way a clip's logits equal those of its kept tokens alone: padding is never attended to
+and never pooled. The static sizes come from the host `plan` of the batch's exact kept counts
+(computed on device, then fetched): S from `stream_buckets` equal steps of b·N, C from
+multiples of `capacity_step`, so a run compiles a bounded number of shapes. Nothing here is a
+Flax module: `tokenize` turns normalised frames and a keep mask into a `TokenBatch` for any
+model.
+
+    counts = mask.sum(-1)                                  # device, then np.asarray(...)
+    plan = layout.plan(counts, layout.Layout(), num_tokens=N, groups=G)
+    tokens = layout.tokenize(frames, mask, plan, tubelet_size=2, patch_size=16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import einops
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlt_jax import rlt
+
+KINDS = ("stream", "padded")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """kind: 'stream' or 'padded'. capacity_step: C is a multiple of it (or N).
+  stream_buckets: S is one of this many equal steps of b·N. capacity: a fixed C (one static
+  shape, e.g. for TPU); a clip that keeps more is an error, never silently cut."""
+  kind: str = "stream"
+  capacity_step: int = 128
+  stream_buckets: int = 16
+  capacity: int | None = None
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"layout.kind={self.kind!r}: expected one of {KINDS}")
+    for name in ("capacity_step", "stream_buckets"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"layout.{name}={value!r}: expected a positive int")
+    if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 1):
+      raise ValueError(f"layout.capacity={self.capacity!r}: expected a positive int or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static sizes of one batch: G groups of b clips, L slots per group, C slots per clip row."""
+  kind: str
+  groups: int
+  clips: int
+  length: int
+  capacity: int
+  num_tokens: int
+
+  @property
+  def slots(self) -> int:
+    """Token slots the token-wise layers run on, over the whole batch."""
+    return self.groups * self.length
+
+
+def round_up(value: int, step: int) -> int:
+  return -(-value // step) * step
+
+
+def plan(counts: np.ndarray, layout: Layout, *, num_tokens: int, groups: int,
+         micro_batches: int = 1) -> Plan:
+  """The static sizes that hold these exact kept counts (host side, numpy).
+
+  `counts` (B,) are in global batch order; rows j, j+k, … form micro-batch j of k (as the
+  train step splits them) and each micro-batch is cut into `groups` contiguous groups.
+  """
+  counts = np.asarray(counts, np.int64)
+  batch = counts.shape[0]
+  if batch % (groups * micro_batches):
+    raise ValueError(f"a batch of {batch} clips does not split into {groups} groups × "
+                     f"{micro_batches} micro-batches")
+  clips = batch // (groups * micro_batches)
+  most = int(counts.max(initial=0))
+  if layout.capacity is not None:
+    if most > layout.capacity:
+      raise OverflowError(
+          f"a clip keeps {most} tokens, more than layout.capacity={layout.capacity}; raise "
+          "it, unset it (capacity planned per batch), or cap clips with rlt.max_tokens")
+    capacity = layout.capacity
+  else:
+    capacity = min(max(round_up(most, layout.capacity_step), layout.capacity_step), num_tokens)
+  if layout.kind == "padded":
+    length = clips * capacity
+  else:
+    per_group = counts.reshape(-1, micro_batches).T.reshape(micro_batches, groups, clips)
+    step = max(1, -(-clips * num_tokens // layout.stream_buckets))
+    length = min(max(round_up(int(per_group.sum(-1).max()), step), step), clips * num_tokens)
+  return Plan(layout.kind, groups, clips, length, capacity, num_tokens)
+
+
+@flax.struct.dataclass
+class TokenBatch:
+  """The kept tokens of B = G·b clips, in G groups of L slots.
+
+  patches (G, L, ts·p·p·3) normalised pixels (zeros in padding); positions (G, L) each token's
+  flat (t, y, x) index in its clip; lengths (G, L) its run length in tubelets; clip (G, L) the
+  clip's index in its group + 1 (0: padding); kept (B,) tokens per clip. 'stream' only:
+  rows (G, b, C) the slot of each clip's c-th token (L: none), slots (G, L) the row position
+  b'·C + c of each slot (b·C: padding).
+  """
+  patches: jax.Array
+  positions: jax.Array
+  lengths: jax.Array
+  clip: jax.Array
+  kept: jax.Array
+  rows: jax.Array | None = None
+  slots: jax.Array | None = None
+  plan: Plan = flax.struct.field(pytree_node=False, default=None)
+
+
+def patchify(frames: jax.Array, tubelet_size: int, patch_size: int) -> jax.Array:
+  """(B, T, H, W, C) → (B, N, ts·p·p·C) in (t, y, x) token order, Conv3d kernel order inside."""
+  return einops.rearrange(frames, "b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)",
+                          pt=tubelet_size, ph=patch_size, pw=patch_size)
+
+
+def tokenize(frames: jax.Array, mask: jax.Array, plan: Plan, *, tubelet_size: int,
+             patch_size: int) -> TokenBatch:
+  """Normalised frames (B, T, H, W, 3) and their keep mask (B, N) → a TokenBatch (in jit).
+
+  Every kept token is placed (the plan holds the exact counts); order within a clip is kept.
+  """
+  grid = rlt.token_grid(frames.shape, tubelet_size, patch_size)
+  batch, n = mask.shape
+  if n != math.prod(grid) or batch != plan.groups * plan.clips:
+    raise ValueError(f"mask {mask.shape} does not fit frames {frames.shape} and {plan}")
+  g, b, length, capacity = plan.groups, plan.clips, plan.length, plan.capacity
+  patches = patchify(frames, tubelet_size, patch_size).reshape(g, b * n, -1)
+  lengths = rlt.run_lengths(mask.reshape(batch, *grid)).reshape(g, b * n)
+  mask = mask.reshape(g, b, n)
+  counts = mask.sum(-1, dtype=jnp.int32)
+  rank = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
+  if plan.kind == "stream":
+    offsets = jnp.cumsum(counts, axis=-1, dtype=jnp.int32) - counts
+    dest = offsets[..., None] + rank
+  else:
+    dest = jnp.arange(b, dtype=jnp.int32)[:, None] * capacity + rank
+  dest = jnp.where(mask & (rank < capacity), dest, length).reshape(g, b * n)
+
+  def place(dest_g):
+    return jnp.full((length + 1,), b * n, jnp.int32).at[dest_g].set(
+        jnp.arange(b * n, dtype=jnp.int32))[:length]
+
+  source = jax.vmap(place)(dest)  # (G, L): the token each slot holds; b·N: none
+  valid = source < b * n
+  take = jax.vmap(lambda x, i: x[i])
+  pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+  tokens = TokenBatch(
+      patches=take(pad(patches), source),
+      positions=jnp.where(valid, source % n, 0),
+      lengths=take(pad(lengths), source),
+      clip=jnp.where(valid, source // n + 1, 0),
+      kept=counts.reshape(batch), plan=plan)
+  if plan.kind == "padded":
+    return tokens
+  c = jnp.arange(capacity, dtype=jnp.int32)
+  rows = jnp.where(c < counts[..., None], offsets[..., None] + c, length)
+  owner = jnp.maximum(tokens.clip - 1, 0)
+  within = jnp.arange(length, dtype=jnp.int32) - take(offsets, owner)
+  slots = jnp.where(valid, owner * capacity + within, b * capacity)
+  return tokens.replace(rows=rows, slots=slots)
+
+
+def to_rows(x: jax.Array, tokens: TokenBatch) -> jax.Array:
+  """(G, L, ...) slots → (G·b, C, ...) one row per clip, valid slots first."""
+  p = tokens.plan
+  if p.kind == "padded":
+    return x.reshape(p.groups * p.clips, p.capacity, *x.shape[2:])
+  x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+  rows = jax.vmap(lambda xg, i: xg[i])(x, tokens.rows)
+  return rows.reshape(p.groups * p.clips, p.capacity, *x.shape[2:])
+
+
+def from_rows(y: jax.Array, tokens: TokenBatch) -> jax.Array:
+  """The inverse of `to_rows` on the slots that hold tokens (padding slots get zeros)."""
+  p = tokens.plan
+  if p.kind == "padded":
+    return y.reshape(p.groups, p.length, *y.shape[2:])
+  y = y.reshape(p.groups, p.clips * p.capacity, *y.shape[2:])
+  y = jnp.concatenate([y, jnp.zeros_like(y[:, :1])], axis=1)
+  return jax.vmap(lambda yg, i: yg[i])(y, tokens.slots)
+
+
+def pool(x: jax.Array, tokens: TokenBatch) -> jax.Array:
+  """Mean of each clip's tokens (B, D) in float32: padding never counts."""
+  p = tokens.plan
+  one_hot = tokens.clip[..., None] == jnp.arange(1, p.clips + 1)
+  sums = jnp.einsum("glb,gld->gbd", one_hot.astype(jnp.float32), x.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST).reshape(p.groups * p.clips, -1)
+  return sums / jnp.maximum(tokens.kept, 1)[:, None].astype(jnp.float32)
+
+
+def ideal_flops_ratio(counts: np.ndarray, num_tokens: int, width: int, mlp_dim: int) -> float:
+  """FLOPs of every clip's own kept tokens over FLOPs of all tokens (per transformer block)."""
+  counts = np.asarray(counts, np.float64)
+  block = lambda n: n * (4 * width * width + 2 * width * mlp_dim) + 2 * n * n * width
+  return float(block(counts).sum() / (len(counts) * block(num_tokens)))
+
+
+def plan_flops_ratio(plan: Plan, width: int, mlp_dim: int) -> float:
+  """FLOPs the plan's static shapes run, over FLOPs of all tokens of its clips."""
+  batch = plan.groups * plan.clips
+  token_wise = plan.slots * (4 * width * width + 2 * width * mlp_dim)
+  attention = batch * 2 * plan.capacity ** 2 * width
+  n = plan.num_tokens
+  return float((token_wise + attention) / (batch * (n * (4 * width * width + 2 * width * mlp_dim)
+                                                    + 2 * n * n * width)))
