@@ -33,9 +33,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from rlt_jax import build_tfrecords, input_pipeline, rlt, synthetic, video
+from rlt_jax import (augment, build_tfrecords, files, forward, input_pipeline, optim, recipes,
+                     rlt, sharding, video)
+from rlt_jax import layout as layout_lib
+from rlt_jax import train as train_lib
 from rlt_jax.models import vit
 
 # Dense bf16 peak FLOP/s by device kind (vendor figures), for MFU.
@@ -113,34 +115,83 @@ def data(num_videos: int = 8, seconds: float = 10.0, batches: int = 20) -> dict:
   }
 
 
-def forward_flops(model: vit.VisionTransformer, tokens: np.ndarray) -> float:
+def forward_flops(spec: vit.ModelSpec, tokens: np.ndarray, tome: tuple[int, ...] = ()) -> float:
   """FLOPs of the forward pass of clips with these token counts (each clip alone, no padding):
-  patch embedding, qkv/proj/MLP matmuls (linear in n) and the two attention matmuls (n²)."""
+  patch embedding, qkv/proj/MLP matmuls (linear in n) and the two attention matmuls (n²).
+  With ToMe, block l runs on n − r_1 − … − r_{l−1} tokens (its own merge follows attention)."""
   n = np.asarray(tokens, np.float64)
-  d, m = model.width, model.mlp_dim
-  embed = 2 * n * model.tubelet_size * model.patch_size ** 2 * 3 * d
-  linear = 2 * n * (4 * d * d + 2 * d * m) * model.depth
-  attention = 2 * 2 * n * n * d * model.depth
-  return float(np.sum(embed + linear + attention))
+  d, m = spec.width, spec.mlp_dim
+  flops = 2 * n * spec.tubelet_size * spec.patch_size ** 2 * 3 * d
+  merged = np.zeros_like(n)
+  for layer in range(spec.depth):
+    size = np.maximum(n - merged, 1)
+    flops = flops + 2 * size * (4 * d * d + 2 * d * m) + 2 * 2 * size * size * d
+    merged = merged + (tome[layer] if layer < len(tome) else 0)
+  return float(np.sum(flops))
 
 
-def _clips(model: vit.VisionTransformer, source: str, count: int, seed: int = 0) -> np.ndarray:
-  """uint8 clips at the model's shape: synthetic motion clips or eval views of TFRecords."""
-  if source == "synthetic":
-    rng = np.random.default_rng(seed)
-    return np.stack([np.stack(synthetic.make_video(i % len(synthetic.CLASSES), rng,
-                                                   size=model.image_size,
-                                                   num_frames=model.num_frames))
-                     for i in range(count)])
-  sampling = input_pipeline.Sampling(num_frames=model.num_frames, image_size=model.image_size,
-                                     tubelet_size=model.tubelet_size,
-                                     patch_size=model.patch_size)
+def synthetic_clips(count: int, *, num_frames: int, size: int, seed: int = 0) -> np.ndarray:
+  """Clips with the spread of motion real video has: static shots, slow and fast pans, a
+  moving object on a still background, handheld shake and busy scenes, in equal shares."""
+  rng = np.random.default_rng(seed)
+  big = video.resize(rng.integers(0, 256, (size // 6, size // 6, 3), np.uint8),
+                     (2 * size, 2 * size))
   clips = []
-  for batch in input_pipeline.make_dataset(source, mode="val", sampling=sampling, batch_size=1):
+  for i in range(count):
+    kind = i % 6
+    frames = []
+    for t in range(num_frames):
+      if kind == 0:    # static shot (sensor noise only)
+        y = x = 0
+      elif kind == 1:  # slow pan
+        y, x = 0, t
+      elif kind == 2:  # fast pan
+        y, x = t, 6 * t
+      elif kind == 3:  # one moving object, still background
+        y = x = 0
+      elif kind == 4:  # handheld shake
+        y, x = rng.integers(0, 3, 2)
+      else:            # busy: everything changes
+        y, x = rng.integers(0, size, 2)
+      frame = big[y:y + size, x:x + size].astype(np.int16)
+      if kind == 3:
+        top, left = size // 3, (8 * t) % (size - size // 4)
+        frame[top:top + size // 4, left:left + size // 4] = (220, 40, 40)
+      frame += rng.integers(-2, 3, frame.shape, dtype=np.int16)
+      frames.append(np.clip(frame, 0, 255).astype(np.uint8))
+    clips.append(np.stack(frames))
+  return np.stack(clips)
+
+
+def _clips(spec: vit.ModelSpec, source: str, count: int, seed: int = 0) -> np.ndarray:
+  """uint8 clips at the model's shape: synthetic clips or centre views of TFRecords."""
+  if source == "synthetic":
+    return synthetic_clips(count, num_frames=spec.num_frames, size=spec.image_size, seed=seed)
+  sampling = input_pipeline.Sampling(num_frames=spec.num_frames, image_size=spec.image_size,
+                                     tubelet_size=spec.tubelet_size,
+                                     patch_size=spec.patch_size)
+  clips = []
+  for batch in input_pipeline.make_dataset(source, mode="eval", sampling=sampling,
+                                           batch_size=1):
     clips.append(batch["frames"][0])
     if len(clips) == count:
       break
   return np.stack(clips)
+
+
+def load_frames(path: str, spec: vit.ModelSpec) -> np.ndarray:
+  """uint8 clips (N, T, H, W, 3) from a .npy, checked against the model's clip shape."""
+  try:
+    frames = np.load(path, allow_pickle=False, mmap_mode="r")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--frames {path}: not a readable .npy array ({e})") from None
+  want = (spec.num_frames, spec.image_size, spec.image_size, 3)
+  if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 5 \
+      or frames.shape[1:] != want or len(frames) == 0:
+    got = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else "an archive"
+    raise ValueError(f"--frames {path}: expected uint8 clips (N, {', '.join(map(str, want))}) "
+                     f"with N ≥ 1, got {got}")
+  return np.asarray(frames)
 
 
 def _median_time(fn, *args, repeats: int) -> float:
@@ -153,126 +204,171 @@ def _median_time(fn, *args, repeats: int) -> float:
   return float(np.median(times))
 
 
-def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat16",
-                    source: str = "synthetic", threshold: float = 0.1, batches: int = 4,
-                    repeats: int = 5, tiny: bool = False) -> dict:
-  """clips/s, tokens, speedups, efficiency, overhead and MFU for every policy × batching."""
-  overrides = dict(dtype=dtype, attention="auto")
-  if tiny:
-    variant, overrides = "tiny", dict(dtype="float32", attention="xla", image_size=64,
-                                      num_frames=8, patch_size=16)
-    batch, batches, repeats = 4, 2, 2
-  base = vit.build(variant, num_classes=400, **overrides)
-  frames = _clips(base, source, batch * batches).reshape(
-      batches, batch, base.num_frames, base.image_size, base.image_size, 3)
-  n = base.num_tokens
-  mask = rlt.keep_mask(rlt.normalize(frames.reshape(-1, *frames.shape[2:])),
-                       threshold=threshold, tubelet_size=base.tubelet_size,
-                       patch_size=base.patch_size)
-  kept = mask.reshape(batches, batch, -1).sum(-1)
-  buckets = rlt.capacity_buckets(n)
-  fraction = float(kept.mean()) / n
-  rng = jax.random.PRNGKey(0)
-  params = jax.jit(base.init)({"params": rng, "tokens": rng}, frames[0, :1])["params"]
-  tx = optax.adamw(1e-4)
-  opt_state = tx.init(params)
-  labels = jnp.zeros((batch,), jnp.int32)
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  name: str
+  policy: rlt.Policy
+  layout: layout_lib.Layout
+  sort: bool = True
+  tome: int = 0
 
-  def tokenizers():
-    yield "none", "all tokens", rlt.TokenizerConfig(), lambda b: n, [n] * batch
-    fixed = rlt.choose_capacity(kept.ravel(), buckets)
-    yield "rlt", "fixed capacity", rlt.TokenizerConfig(
-        policy="rlt", threshold=threshold, capacity=fixed), lambda b: fixed, None
-    yield "rlt", "bucketed", rlt.TokenizerConfig(policy="rlt", threshold=threshold), \
-        lambda b: rlt.choose_capacity(kept[b], buckets), None
-    rows = max(rlt.pack_rows_needed(kept[b], n) for b in range(batches))
-    yield "rlt", "packed", rlt.TokenizerConfig(
-        policy="rlt", threshold=threshold, packing=True, row_length=n, num_rows=rows), \
-        lambda b: None, None
-    count = rlt.random_keep_count(n, fraction)
-    yield "random", "bucketed", rlt.TokenizerConfig(policy="random", keep_fraction=fraction), \
-        lambda b: rlt.choose_capacity([count], buckets), [count] * batch
+
+def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat16",
+                    source: str = "synthetic", frames_path: str | None = None,
+                    threshold: float = 0.1, batches: int = 4, repeats: int = 3,
+                    tiny: bool = False, train_steps: bool = True, tome_r: int = 0) -> dict:
+  """clips/s, tokens, speedups, efficiency, overhead and MFU for each policy × layout."""
+  overrides = {}
+  if tiny:
+    variant, dtype, overrides = "tiny", "float32", dict(image_size=64, num_frames=8)
+    batch, batches, repeats = 4, 2, 2
+  spec = vit.ModelSpec.from_variant(variant, num_classes=400, **overrides)
+  model = vit.build(spec, dtype=dtype, attention="auto")
+  if frames_path:
+    clips = load_frames(frames_path, spec)
+    batches = len(clips) // batch
+    if batches == 0:
+      raise ValueError(f"--frames {frames_path}: {len(clips)} clips, fewer than one batch of "
+                       f"{batch}")
+    clips = clips[:batches * batch]
+  else:
+    clips = _clips(spec, source, batch * batches)
+  n = spec.num_tokens
+  rlt_policy = rlt.Policy("rlt", threshold)
+  kept = rlt.kept_counts(clips, rlt_policy, tubelet_size=spec.tubelet_size,
+                         patch_size=spec.patch_size)
+  fraction = float(kept.mean()) / n
+  tome_budget = _tome_matching(spec, float(kept.mean())) if tome_r == -1 else tome_r
+  stream, padded = layout_lib.Layout("stream"), layout_lib.Layout("padded")
+  settings = [
+      Setting("none", rlt.Policy("none"), padded, sort=False),
+      Setting("rlt padded, unsorted", rlt_policy, padded, sort=False),
+      Setting("rlt padded, sorted", rlt_policy, padded),
+      Setting("rlt stream, unsorted", rlt_policy, stream, sort=False),
+      Setting("rlt stream, sorted", rlt_policy, stream),
+      Setting("random", rlt.Policy("random", keep_fraction=max(fraction, 1 / n)), padded),
+  ]
+  if tome_budget:
+    settings += [Setting(f"tome r={tome_budget}", rlt.Policy("none"), padded, tome=tome_budget),
+                 Setting(f"rlt+tome r={tome_budget}", rlt_policy, padded, tome=tome_budget)]
+  rng = jax.random.PRNGKey(0)
+  params = jax.jit(lambda: model.init(rng, train_lib._example_tokens(spec))["params"])()
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
 
   results = []
-  for policy, batching, tokenizer, capacity_of, tokens in tokenizers():
-    def forward(params, x, capacity, tokenizer=tokenizer):
-      t = tokenizer if capacity is None else dataclasses.replace(tokenizer, capacity=capacity)
-      return base.clone(tokenizer=t).apply({"params": params}, x, rngs={"tokens": rng}).logits
-
-    def train_step(params, opt_state, x, capacity, tokenizer=tokenizer):
-      t = tokenizer if capacity is None else dataclasses.replace(tokenizer, capacity=capacity)
-      def loss(p):
-        logits = base.clone(tokenizer=t).apply({"params": p}, x, train=True,
-                                                rngs={"tokens": rng, "dropout": rng}).logits
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      grads = jax.grad(loss)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    def overhead(x, capacity, tokenizer=tokenizer):
-      t = tokenizer if capacity is None else dataclasses.replace(tokenizer, capacity=capacity)
-      selection = rlt.select_tokens(rlt.normalize(x), t, tubelet_size=base.tubelet_size,
-                                    patch_size=base.patch_size, rng=rng)
-      return rlt.compact(selection, t).patches
-
-    fwd = jax.jit(forward, static_argnums=2)
-    step = jax.jit(train_step, static_argnums=3)
-    select = jax.jit(overhead, static_argnums=1)
-    forward_s = train_s = overhead_s = 0.0
-    for b in range(batches):
-      x = jnp.asarray(frames[b])
-      capacity = capacity_of(b)
-      forward_s += _median_time(fwd, params, x, capacity, repeats=repeats)
-      train_s += _median_time(step, params, opt_state, x, capacity, repeats=repeats)
-      overhead_s += _median_time(select, x, capacity, repeats=repeats)
-    clip_tokens = np.asarray(tokens * batches if tokens else kept.ravel())
+  for setting in settings:
+    counts = rlt.kept_counts(clips, setting.policy, tubelet_size=spec.tubelet_size,
+                             patch_size=spec.patch_size)
+    order = forward.order_by_cost(counts) if setting.sort else np.arange(len(clips))
+    chunks = [clips[order[i * batch:(i + 1) * batch]] for i in range(batches)]
+    run_model = model.clone(tome=_schedule(spec, setting.tome)) if setting.tome else model
+    fwd = forward.Forward(run_model, setting.policy, setting.layout)
+    select = jax.jit(lambda x, p=setting.policy: forward.select(x, p, spec, rng=rng)[2])
+    forward_s = overhead_s = train_s = 0.0
+    for chunk in chunks:
+      x = jnp.asarray(chunk)
+      forward_s += _median_time(lambda x: fwd(params, x)[0], x, repeats=repeats)
+      overhead_s += _median_time(select, x, repeats=repeats)
+    if train_steps:
+      train_s = _train_seconds(run_model, params, chunks, setting, mesh, repeats)
+    clip_tokens = counts[:batches * batch]
+    tome = _schedule(spec, setting.tome) if setting.tome else ()
     results.append({
-        "policy": policy, "batching": batching, "tokens_kept": float(clip_tokens.mean()),
+        "setting": setting.name, "tokens_kept": float(clip_tokens.mean()),
         "forward_clips_per_s": batch * batches / forward_s,
-        "train_clips_per_s": batch * batches / train_s,
+        "train_clips_per_s": batch * batches / train_s if train_s else None,
         "rlt_overhead_ms": 1e3 * overhead_s / batches,
-        "flops": forward_flops(base, clip_tokens),
-        "compilations": fwd._cache_size(),
-        "forward_s": forward_s, "train_s": train_s})
+        "flops": forward_flops(spec, clip_tokens, tome),
+        "compilations": len(fwd.plans), "forward_s": forward_s, "train_s": train_s})
 
   none = results[0]
   kind = jax.devices()[0].device_kind
   peak = PEAK_FLOPS.get(kind) if dtype == "bfloat16" else None
   for r in results:
     r["forward_speedup"] = r["forward_clips_per_s"] / none["forward_clips_per_s"]
-    r["train_speedup"] = r["train_clips_per_s"] / none["train_clips_per_s"]
     r["ideal_speedup"] = none["flops"] / r["flops"]
     r["forward_efficiency"] = r["forward_speedup"] / r["ideal_speedup"]
-    r["train_efficiency"] = r["train_speedup"] / r["ideal_speedup"]
-    r["rlt_overhead_pct"] = 100 * r["rlt_overhead_ms"] / (1e3 * none["forward_s"] / batches)
+    if r["train_s"]:
+      r["train_speedup"] = r["train_clips_per_s"] / none["train_clips_per_s"]
+      r["train_efficiency"] = r["train_speedup"] / r["ideal_speedup"]
+    r["rlt_overhead_pct"] = 100 * r["rlt_overhead_ms"] / (1e3 * r["forward_s"] / batches)
     r["forward_mfu"] = r["flops"] / r["forward_s"] / peak if peak else None
-  return {"variant": variant, "batch": batch, "dtype": dtype if not tiny else "float32",
-          "source": source, "threshold": threshold, "device": kind,
+  return {"variant": variant, "batch": batch, "dtype": dtype, "clips": len(clips),
+          "source": frames_path or source, "threshold": threshold, "device": kind,
+          "kept_fraction": fraction, "kept_min_max": [int(kept.min()), int(kept.max())],
           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}
 
 
+def _schedule(spec: vit.ModelSpec, r: int) -> tuple[int, ...]:
+  from rlt_jax.models import tome
+  return tome.schedule(r, spec.depth, spec.num_tokens)
+
+
+def _tome_matching(spec: vit.ModelSpec, tokens: float) -> int:
+  """The constant ToMe r whose mean tokens per block match RLT's (a matched FLOP budget)."""
+  from rlt_jax.models import tome
+  best, gap = 0, float("inf")
+  for r in range(0, spec.num_tokens // 2):
+    counts = tome.token_counts(spec.num_tokens, _schedule(spec, r))
+    g = abs(float(np.mean(counts[:spec.depth])) - tokens)
+    if g < gap:
+      best, gap = r, g
+  return best
+
+
+def _train_seconds(model, params, chunks, setting: Setting, mesh, repeats: int) -> float:
+  """Seconds of the project's own train step (AdamW, augmentation, two phases) over chunks."""
+  spec = model.spec
+  config = recipes.base("B/16")
+  config.batch_size = len(chunks[0])
+  tx, lr_schedule = optim.make(config, params, depth=spec.depth, total_steps=1000,
+                               warmup_steps=10)
+  aug = augment.Augment(num_classes=spec.num_classes, **config.augment)
+  step = train_lib.TrainStep(model.clone(drop_path=0.1), tx, lr_schedule, aug, setting.policy,
+                             setting.layout, 1, mesh)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+           "rng": jax.random.PRNGKey(1), "bad_step": jnp.int32(-1)}
+  state = jax.tree_util.tree_map(jnp.array, state)  # a copy: the step donates its state
+  total = 0.0
+  for chunk in chunks:
+    batch = {"frames": jnp.asarray(chunk), "label": jnp.zeros(len(chunk), jnp.int32),
+             "valid": jnp.ones(len(chunk), bool)}
+    state, _ = step(state, batch)  # compile and warm up
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    total += float(np.median(times))
+  return total
+
+
 def print_table(report: dict) -> None:
-  print(f"{report['variant']}, batch {report['batch']}, {report['dtype']}, {report['source']} "
-        f"clips, tau {report['threshold']}, on {report['device']} (jax {report['jax']}, "
+  print(f"{report['variant']}, batch {report['batch']}, {report['dtype']}, {report['clips']} "
+        f"clips from {report['source']}, tau {report['threshold']}: RLT keeps "
+        f"{report['kept_fraction']:.0%} ({report['kept_min_max'][0]}–"
+        f"{report['kept_min_max'][1]} per clip), on {report['device']} (jax {report['jax']}, "
         f"{report['date']})")
-  header = (f"{'policy':8s} {'batching':15s} {'tokens':>7s} {'fwd clips/s':>11s} {'speedup':>7s} "
+  header = (f"{'setting':24s} {'tokens':>7s} {'fwd clips/s':>11s} {'speedup':>7s} "
             f"{'ideal':>6s} {'eff':>5s} {'train clips/s':>13s} {'speedup':>7s} {'eff':>5s} "
-            f"{'RLT ms':>7s} {'RLT %':>6s} {'MFU':>5s} {'compiles':>8s}")
+            f"{'RLT ms':>7s} {'RLT %':>6s} {'MFU':>5s} {'shapes':>6s}")
   print(header)
   for r in report["results"]:
     mfu = f"{r['forward_mfu']:.0%}" if r["forward_mfu"] else "-"
-    print(f"{r['policy']:8s} {r['batching']:15s} {r['tokens_kept']:7.0f} "
-          f"{r['forward_clips_per_s']:11.1f} {r['forward_speedup']:7.2f} "
-          f"{r['ideal_speedup']:6.2f} {r['forward_efficiency']:5.2f} "
-          f"{r['train_clips_per_s']:13.1f} {r['train_speedup']:7.2f} "
-          f"{r['train_efficiency']:5.2f} {r['rlt_overhead_ms']:7.2f} "
-          f"{r['rlt_overhead_pct']:6.1f} {mfu:>5s} {r['compilations']:8d}")
+    train = (f"{r['train_clips_per_s']:13.2f} {r['train_speedup']:7.2f} "
+             f"{r['train_efficiency']:5.2f}" if r.get("train_speedup") else
+             f"{'-':>13s} {'-':>7s} {'-':>5s}")
+    print(f"{r['setting']:24s} {r['tokens_kept']:7.0f} {r['forward_clips_per_s']:11.2f} "
+          f"{r['forward_speedup']:7.2f} {r['ideal_speedup']:6.2f} "
+          f"{r['forward_efficiency']:5.2f} {train} {r['rlt_overhead_ms']:7.1f} "
+          f"{r['rlt_overhead_pct']:6.1f} {mfu:>5s} {r['compilations']:6d}")
 
 
 def _write_json(path: str, value: dict) -> None:
-  with open(path + ".tmp", "w") as f:
+  with files.atomic_write(path) as f:
     json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,11 +379,17 @@ def main(argv: list[str] | None = None) -> None:
   model_parser.add_argument("--variant", default="B/16", choices=sorted(vit.VARIANTS))
   model_parser.add_argument("--batch", type=int, default=32)
   model_parser.add_argument("--dtype", default="bfloat16", choices=sorted(vit.DTYPES))
-  model_parser.add_argument("--source", default="synthetic",
-                            help="'synthetic' or a TFRecord glob (eval views)")
+  clip_source = model_parser.add_mutually_exclusive_group()
+  clip_source.add_argument("--source", default="synthetic",
+                           help="'synthetic' or a TFRecord glob (centre views)")
+  clip_source.add_argument("--frames", help="a .npy of uint8 clips (N, T, H, W, 3), e.g. "
+                           "real video from python -m rlt_jax.tokens --video F --save_clips")
   model_parser.add_argument("--threshold", type=float, default=0.1)
-  model_parser.add_argument("--batches", type=int, default=4)
-  model_parser.add_argument("--repeats", type=int, default=5)
+  model_parser.add_argument("--batches", type=int, default=4, help="synthetic/TFRecord only")
+  model_parser.add_argument("--repeats", type=int, default=3)
+  model_parser.add_argument("--no_train", action="store_true", help="forward passes only")
+  model_parser.add_argument("--tome", type=int, default=-1,
+                            help="ToMe r per block (-1: matched to RLT's mean budget; 0: off)")
   model_parser.add_argument("--tiny", action="store_true", help="small model on CPU (smoke)")
   model_parser.add_argument("--output", help="also write the results as JSON here")
   data_parser = sub.add_parser("data", help="converter and input pipeline throughput")
@@ -296,8 +398,17 @@ def main(argv: list[str] | None = None) -> None:
   data_parser.add_argument("--output", help="also write the results as JSON here")
   args = parser.parse_args(argv)
   if args.what == "model":
-    result = model_benchmark(args.variant, args.batch, args.dtype, args.source, args.threshold,
-                             args.batches, args.repeats, args.tiny)
+    for name in ("batch", "batches", "repeats"):
+      if getattr(args, name) < 1:
+        parser.error(f"--{name} {getattr(args, name)}: expected ≥ 1")
+    if not (np.isfinite(args.threshold) and args.threshold >= 0):
+      parser.error(f"--threshold {args.threshold}: expected a finite number ≥ 0")
+    try:
+      result = model_benchmark(args.variant, args.batch, args.dtype, args.source, args.frames,
+                               args.threshold, args.batches, args.repeats, args.tiny,
+                               not args.no_train, args.tome)
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
     print_table(result)
   else:
     result = data(args.videos, args.seconds)

@@ -1,8 +1,9 @@
 """A saved model: `params/` (an orbax checkpoint of the parameter tree) and `model.json`
-(the architecture), so evaluation, fine-tuning and prediction can rebuild it by itself.
+(its `ModelSpec`), so evaluation, fine-tuning and prediction rebuild it by itself; and the
+training checkpoints (state + data iterator), restored from the newest intact one.
 
-Directories are written under a temporary name beside the target and renamed when complete:
-a crash never leaves a half-written model under the final name.
+Directories are written under a fresh temporary name beside the target and renamed when
+complete: a crash never leaves a half-written model under the final name.
 """
 
 from __future__ import annotations
@@ -10,75 +11,112 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import tempfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
+from rlt_jax import files
 from rlt_jax.models import vit
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
-ARCHITECTURE_FIELDS = ("num_classes", "width", "depth", "num_heads", "mlp_dim", "patch_size",
-                       "tubelet_size", "num_frames", "image_size", "length_embedding")
 
 
-def save_model(directory: str | os.PathLike, params: Any, model_config: dict[str, Any]) -> None:
-  """Writes params and model.json to `directory`, which must not exist yet."""
+def save_model(directory: str | os.PathLike, params: Any, spec: vit.ModelSpec | dict[str, Any],
+               *, overwrite: bool = False) -> None:
+  """Writes params and model.json (the `ModelSpec`) to `directory`; called by every process.
+
+  The directory appears complete or not at all: everything is written to a fresh staging
+  directory beside it and renamed. Params may be sharded across processes (each writes its
+  shards). An existing directory is an error unless `overwrite` (then replaced atomically).
+  """
+  from jax.experimental import multihost_utils
+  spec = spec if isinstance(spec, vit.ModelSpec) else vit.ModelSpec.from_dict(spec)
   target = pathlib.Path(directory).absolute()
-  if target.exists():
+  main = jax.process_index() == 0
+  if target.exists() and not overwrite:
     raise FileExistsError(f"{target} already exists; choose a new output directory")
-  missing = [f for f in ARCHITECTURE_FIELDS if f not in model_config]
-  if missing:
-    raise ValueError(f"model config lacks {missing}")
   target.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-  umask = os.umask(0)
-  os.umask(umask)
-  staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
+  token = secrets.randbits(62) if main else 0
+  if jax.process_count() > 1:
+    token = int(multihost_utils.broadcast_one_to_all(np.int64(token)))
+  staging = target.parent / f".{target.name}.{token:x}.tmp"
   try:
+    if main:
+      staging.mkdir()  # exclusive: fails if the name exists
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("save_model:staging")
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging / PARAMS_DIR, jax.tree_util.tree_map(np.asarray, params))
+    checkpointer.save(staging / PARAMS_DIR, params)
     checkpointer.wait_until_finished()
-    (staging / MODEL_JSON).write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
-    staging.rename(target)
+    if main:
+      with files.atomic_write(staging / MODEL_JSON) as f:
+        f.write(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+      if target.exists():
+        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old",
+                                            dir=target.parent))
+        target.rename(old / target.name)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        staging.rename(target)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    if main:
+      shutil.rmtree(staging, ignore_errors=True)
     raise
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("save_model:done")
 
 
-def load_model(directory: str | os.PathLike) -> tuple[dict[str, Any], Any]:
-  """(model config, params as numpy arrays) of a directory written by `save_model`."""
-  root = pathlib.Path(directory).absolute()
-  config_file = root / MODEL_JSON
-  if not config_file.is_file() or not (root / PARAMS_DIR).is_dir():
-    raise FileNotFoundError(f"{root}: not a saved rlt_jax model (expected {MODEL_JSON} and "
-                            f"{PARAMS_DIR}/, as written by python -m rlt_jax.convert)")
-  config = json.loads(config_file.read_text())
-  params = ocp.StandardCheckpointer().restore(root / PARAMS_DIR)
-  return config, jax.tree_util.tree_map(np.asarray, params)
-
-
-def build_model(config: dict[str, Any], **overrides) -> vit.VisionTransformer:
-  """The VisionTransformer a model config describes, with run-time fields overridden
-  (tokenizer, dtype, attention, dropout…)."""
-  fields = {k: config[k] for k in ARCHITECTURE_FIELDS if k in config} | overrides
-  return vit.VisionTransformer(**fields)
-
-
-def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:
+def read_spec(directory: str | os.PathLike) -> vit.ModelSpec:
+  """The architecture saved in a model directory; a clear error for anything else."""
   path = pathlib.Path(directory) / MODEL_JSON
+  if not path.is_file() or not (pathlib.Path(directory) / PARAMS_DIR).is_dir():
+    raise FileNotFoundError(f"{pathlib.Path(directory).absolute()}: not a saved rlt_jax model "
+                            f"(expected {MODEL_JSON} and {PARAMS_DIR}/, as written by "
+                            "python -m rlt_jax.convert or a finished training)")
   try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise FileNotFoundError(f"{path}: cannot read the model config ({e})") from None
+    fields = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not a readable model config ({e})") from None
+  return vit.ModelSpec.from_dict(fields, str(path))
 
 
-def model_config(model: vit.VisionTransformer) -> dict[str, Any]:
-  return {f: getattr(model, f) for f in ARCHITECTURE_FIELDS}
+def load_model(directory: str | os.PathLike) -> tuple[vit.ModelSpec, Any]:
+  """(spec, params as numpy arrays) of a model directory; params are checked against the spec."""
+  spec = read_spec(directory)
+  root = pathlib.Path(directory).absolute()
+  try:
+    params = ocp.StandardCheckpointer().restore(root / PARAMS_DIR)
+  except Exception as e:  # orbax raises many types for damaged directories
+    raise ValueError(f"{root / PARAMS_DIR}: cannot restore the parameters "
+                     f"({type(e).__name__}: {e})") from None
+  params = jax.tree_util.tree_map(np.asarray, params)
+  check_params(params, abstract_params(spec), str(root))
+  return spec, params
+
+
+def abstract_params(spec: vit.ModelSpec) -> Any:
+  """Shapes and dtypes of a model's parameters, without computing them."""
+  from rlt_jax import layout
+  frames = jax.ShapeDtypeStruct((1, spec.num_frames, spec.image_size, spec.image_size, 3),
+                                jnp.float32)
+  plan = layout.plan(np.asarray([spec.num_tokens]), layout.Layout("padded"),
+                     num_tokens=spec.num_tokens, groups=1)
+
+  def init(frames):
+    tokens = layout.tokenize(frames, jnp.ones((1, spec.num_tokens), bool), plan,
+                             tubelet_size=spec.tubelet_size, patch_size=spec.patch_size)
+    return vit.build(spec).init(jax.random.PRNGKey(0), tokens)["params"]
+
+  return jax.eval_shape(init, frames)
 
 
 def check_params(params: Any, expected: Any, source: str) -> None:
@@ -92,30 +130,6 @@ def check_params(params: Any, expected: Any, source: str) -> None:
                if k in got and got[k] != want[k]]
   if problems:
     raise ValueError(f"{source}: parameters do not fit the model: " + "; ".join(problems))
-
-
-def export_model(directory: str | os.PathLike, params: Any, config: dict[str, Any]) -> None:
-  """Writes a model directory from every process (params may be sharded across hosts); an
-  earlier export is replaced only once the new one is complete."""
-  from jax.experimental import multihost_utils
-  target = pathlib.Path(directory).absolute()
-  fresh, old = target.parent / f".{target.name}.new", target.parent / f".{target.name}.old"
-  main = jax.process_index() == 0
-  if main:
-    shutil.rmtree(fresh, ignore_errors=True)
-    fresh.mkdir(parents=True)
-  multihost_utils.sync_global_devices("export_model:start")
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(fresh / PARAMS_DIR, params)
-  checkpointer.wait_until_finished()
-  if main:
-    (fresh / MODEL_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if target.exists():
-      shutil.rmtree(old, ignore_errors=True)
-      target.rename(old)
-    fresh.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-  multihost_utils.sync_global_devices("export_model:done")
 
 
 class TrainCheckpoints:
@@ -136,19 +150,34 @@ class TrainCheckpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
   def save(self, step: int, state: Any, iterator: Any, force: bool = False) -> None:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=self._grain.checkpoint.CheckpointSave(iterator)),
         force=force)
 
-  def restore(self, step: int, abstract_state: Any, shardings: Any, iterator: Any):
+  def restore(self, abstract_state: Any, shardings: Any, iterator: Any):
+    """(state, iterator, step) of the newest checkpoint that restores; damaged newer ones are
+    skipped with a warning that says why (an earlier intact one is better than no resume)."""
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
         shardings)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        data=self._grain.checkpoint.CheckpointRestore(iterator)))
-    return restored["state"], restored["data"]
+    problems = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            data=self._grain.checkpoint.CheckpointRestore(iterator)))
+      except Exception as e:  # missing files, bad metadata, truncated arrays …
+        problems.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+        logging.warning("checkpoint %s/%d cannot be restored, trying an earlier one: %s",
+                        self.directory, step, e)
+        continue
+      return restored["state"], restored["data"], step
+    raise RuntimeError(f"no checkpoint in {self.directory} can be restored: "
+                       + "; ".join(problems) + ". Move the directory away to start afresh.")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -1,76 +1,74 @@
 """Evaluation: logits for every view, softmax averaged per video, top-1/top-5, per-class accuracy,
 tokens kept, clips/s.
 
-With policy `rlt`, each batch runs at the smallest 128-token capacity that holds every clip
-(kept counts computed on the host, agreed across processes), so no clip overflows and each
-clip's logits are those of its kept tokens alone; at most one compilation per bucket.
+Views run through `forward.Forward`: each batch at static shapes planned from its exact kept
+counts, so no clip is cut and each clip's logits are those of its kept tokens alone. Within a
+window of batches, views are regrouped by their host-side kept counts first, so that clips of
+one batch cost about the same (results are keyed by record, so order does not matter).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import numpy as np
 import tqdm
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlt_jax import input_pipeline, rlt, sharding
+from rlt_jax import files, forward, input_pipeline, layout, rlt, sharding
 from rlt_jax.models import vit
 
 
+def regroup(batches: Iterable[dict[str, np.ndarray]], window: int
+            ) -> Iterable[dict[str, np.ndarray]]:
+  """The same examples in the same number of batches, sorted by "kept" within each window."""
+  it = iter(batches)
+  while chunk := list(itertools.islice(it, max(window, 1))):
+    if window <= 1 or "kept" not in chunk[0]:
+      yield from chunk
+      continue
+    merged = {k: np.concatenate([b[k] for b in chunk]) for k in chunk[0]}
+    order = forward.order_by_cost(np.where(merged["valid"], merged["kept"], 0))
+    size = len(chunk[0]["valid"])
+    for i in range(len(chunk)):
+      yield {k: v[order[i * size:(i + 1) * size]] for k, v in merged.items()}
+
+
 class Evaluator:
-  """Runs a model over val/test batches on a mesh; one jitted forward per capacity."""
+  """Runs a model over evaluation batches on a mesh; one compilation per layout plan."""
 
-  def __init__(self, model: vit.VisionTransformer, mesh: jax.sharding.Mesh):
+  def __init__(self, model: vit.VisionTransformer, policy: rlt.Policy,
+               token_layout: layout.Layout, mesh: jax.sharding.Mesh):
     self.model, self.mesh = model, mesh
-    self.buckets = rlt.capacity_buckets(model.num_tokens)
-    replicated = NamedSharding(mesh, P())
-    self._forward = jax.jit(self._logits, static_argnums=2, out_shardings=replicated)
-
-  def _logits(self, params, batch, capacity):
-    tokenizer = dataclasses.replace(self.model.tokenizer, capacity=capacity, packing=False,
-                                    row_length=None, num_rows=None, overflow="full")
-    out = self.model.clone(tokenizer=tokenizer).apply({"params": params}, batch["frames"],
-                                                      rngs={"tokens": jax.random.PRNGKey(0)})
-    return {"logits": out.logits, "kept": out.kept, "label": batch["label"],
-            "index": batch["index"], "valid": batch["valid"], "error": batch["error"]}
-
-  def _capacity(self, local: dict[str, np.ndarray]) -> int:
-    policy = self.model.tokenizer.policy
-    if policy == "rlt":
-      most = np.max(local["kept"], initial=0)
-      most = int(np.max(multihost_utils.process_allgather(np.int32(most))))
-      return rlt.choose_capacity([most], self.buckets)
-    if policy == "random":
-      count = rlt.random_keep_count(self.model.num_tokens, self.model.tokenizer.keep_fraction)
-      return rlt.choose_capacity([count], self.buckets)
-    return self.model.num_tokens
+    self.forward = forward.Forward(model, policy, token_layout, mesh)
 
   def __call__(self, params: Any, batches, *, num_records: int, num_classes: int,
-               description: str = "eval") -> dict[str, Any]:
+               description: str = "eval", sort_window: int = 16) -> dict[str, Any]:
     """Metrics over every valid view; softmax averaged over each record's views."""
     probs = np.zeros((num_records, num_classes), np.float64)
     views = np.zeros(num_records, np.int64)
     labels = np.full(num_records, -1, np.int64)
     kept, errors, start = [], 0, time.perf_counter()
-    bar = tqdm.tqdm(desc=description, unit="batch", disable=jax.process_index() != 0 or None)
-    for local in batches:
-      out = jax.device_get(self._forward(params, sharding.global_batch(self.mesh, local),
-                                         self._capacity(local)))
-      valid = out["valid"].astype(bool)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    bar = tqdm.tqdm(desc=description, unit="batch", total=total, leave=False,
+                    disable=jax.process_index() != 0 or None)
+    for local in regroup(batches, sort_window):
+      batch = sharding.global_batch(self.mesh, local)
+      logits, counts, _ = self.forward(params, batch["frames"], batch["valid"])
+      out = jax.device_get({"logits": logits, **{k: _replicated(batch[k]) for k in
+                                                  ("label", "index", "valid", "error")}})
+      valid = out["valid"].astype(bool) & (out["label"] >= 0) & (out["label"] < num_classes)
       errors += int(out["error"].sum())
       logits = out["logits"][valid].astype(np.float64)
       p = np.exp(logits - logits.max(-1, keepdims=True))
       np.add.at(probs, out["index"][valid], p / p.sum(-1, keepdims=True))
       np.add.at(views, out["index"][valid], 1)
       labels[out["index"][valid]] = out["label"][valid]
-      kept += out["kept"][valid].tolist()
+      kept += counts[valid].tolist()
       bar.update()
     bar.close()
     seconds = time.perf_counter() - start
@@ -90,7 +88,8 @@ class Evaluator:
         "tokens_kept_mean": float(kept.mean()) if len(kept) else float("nan"),
         "tokens_kept_p10_p50_p90": [float(np.percentile(kept, q)) for q in (10, 50, 90)]
         if len(kept) else [],
-        "tokens_total": self.model.num_tokens,
+        "tokens_total": self.model.spec.num_tokens,
+        "compiled_shapes": len(self.forward.plans),
         "clips_per_s": float(views.sum() / seconds) if seconds else float("nan"),
         "per_class": per_class,
     }
@@ -102,23 +101,29 @@ def write_report(metrics: dict[str, Any], path: str, class_names: list[str]) -> 
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   summary = {k: v for k, v in metrics.items() if k != "per_class"}
-  with open(path + ".tmp", "w") as f:
+  with files.atomic_write(path) as f:
     json.dump(summary, f, indent=1)
-  os.replace(path + ".tmp", path)
   csv_path = os.path.splitext(path)[0] + "_per_class.csv"
-  with open(csv_path + ".tmp", "w") as f:
+  with files.atomic_write(csv_path) as f:
     f.write("class,name,videos,top1\n")
     for row in metrics["per_class"]:
       name = class_names[row["class"]] if row["class"] < len(class_names) else ""
       top1 = "" if row["top1"] is None else f"{row['top1']:.4f}"
       f.write(f"{row['class']},\"{name}\",{row['videos']},{top1}\n")
-  os.replace(csv_path + ".tmp", csv_path)
 
 
-def make_batches(patterns: str, mode: str, sampling: input_pipeline.Sampling, batch_size: int,
-                 workers: int = 0, strict: bool = False):
-  """This process's eval batches (with host kept counts for RLT bucketing)."""
+def make_batches(patterns: str, sampling: input_pipeline.Sampling, batch_size: int,
+                 workers: int = 0, strict: bool = False, prefetch: int = 2):
+  """This process's eval batches (with host kept counts, for regrouping)."""
   return input_pipeline.make_dataset(
-      patterns, mode=mode, sampling=sampling, batch_size=batch_size,
+      patterns, mode="eval", sampling=sampling, batch_size=batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(), workers=workers,
-      strict=strict)
+      strict=strict, prefetch=prefetch)
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+  """A batch-sharded global array gathered to every process (small per-clip fields only)."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(x, tiled=True)

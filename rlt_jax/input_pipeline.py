@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
+import os
+import sys
 import threading
 
 import grain
@@ -27,9 +30,9 @@ from absl import flags, logging
 from etils import epath
 from PIL import Image
 
-from rlt_jax import dmvr, rlt, tfrecord, video
+from rlt_jax import dmvr, files, rlt, tfrecord, video
 
-MODES = ("train", "val", "test")
+MODES = ("train", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +47,10 @@ class Sampling:
   max_area: float = 1.0
   min_ratio: float = 3 / 4
   max_ratio: float = 4 / 3
-  test_clips: int = 4
-  test_crops: int = 3
-  host_rlt_threshold: float | None = None  # also compute kept counts on the host
+  views: tuple[int, int] = (1, 1)  # evaluation: clips × crops per video
+  policy: rlt.Policy | None = None  # if set, also count each clip's kept tokens (for sorting)
   tubelet_size: int = 2
   patch_size: int = 16
-
-  def views(self, mode: str) -> tuple[int, int]:
-    return (self.test_clips, self.test_crops) if mode == "test" else (1, 1)
 
 
 def list_shards(patterns: str) -> list[epath.Path]:
@@ -141,9 +140,9 @@ def train_clip(record: dmvr.VideoRecord, rng: np.random.Generator,
   return np.ascontiguousarray(clip)
 
 
-def eval_clip(record: dmvr.VideoRecord, view: int, sampling: Sampling, mode: str) -> np.ndarray:
-  """View `view` of the deterministic clips × crops grid (1 × 1 centre for validation)."""
-  clips, crops = sampling.views(mode)
+def eval_clip(record: dmvr.VideoRecord, view: int, sampling: Sampling) -> np.ndarray:
+  """View `view` of the deterministic clips × crops grid (1 × 1: the centre clip and crop)."""
+  clips, crops = sampling.views
   n, stride = len(record.jpegs), _stride(sampling, record.frame_rate)
   start = video.test_clip_starts(n, clips=clips, clip_len=sampling.num_frames,
                                  stride=stride)[view // crops]
@@ -156,12 +155,12 @@ def eval_clip(record: dmvr.VideoRecord, view: int, sampling: Sampling, mode: str
 
 def _example(clip: np.ndarray, label: int, index: int, view: int, valid: bool, error: bool,
              sampling: Sampling) -> dict[str, np.ndarray]:
-  example = {"frames": clip, "label": np.int32(max(label, 0)), "index": np.int32(index),
+  example = {"frames": clip, "label": np.int32(label), "index": np.int32(index),
              "view": np.int32(view), "valid": np.bool_(valid), "error": np.bool_(error)}
-  if sampling.host_rlt_threshold is not None:
-    mask = rlt.keep_mask(rlt.normalize(clip[None]), threshold=sampling.host_rlt_threshold,
-                         tubelet_size=sampling.tubelet_size, patch_size=sampling.patch_size)
-    example["kept"] = np.int32(mask.sum())
+  if sampling.policy is not None:
+    example["kept"] = rlt.kept_counts(clip[None], sampling.policy,
+                                      tubelet_size=sampling.tubelet_size,
+                                      patch_size=sampling.patch_size)[0]
   return example
 
 
@@ -177,18 +176,18 @@ class Transform:
     s = self.sampling
     if data is None:  # padding to whole batches in evaluation
       blank = np.zeros((s.num_frames, s.image_size, s.image_size, 3), np.uint8)
-      return _example(blank, 0, -1, 0, False, False, s)
+      return _example(blank, -1, -1, 0, False, False, s)
     try:
       record = dmvr.parse(tfrecord.unframe(shard, offset, data))
       clip = (train_clip(record, rng, s) if self.mode == "train"
-              else eval_clip(record, view, s, self.mode))
+              else eval_clip(record, view, s))
     except Exception as e:  # corrupt data of any kind; counted unless strict
       message = f"{shard}: record at offset {offset}: {type(e).__name__}: {e}"
       if self.strict:
         raise ValueError(message) from e
       logging.warning("skipping a bad record: %s", message)
       blank = np.zeros((s.num_frames, s.image_size, s.image_size, 3), np.uint8)
-      return _example(blank, 0, index, view, False, True, s)
+      return _example(blank, -1, index, view, False, True, s)
     return _example(clip, record.label, index, view, True, False, s)
 
 
@@ -242,6 +241,97 @@ class _Views:
     return self.source[g // self.views], g % self.views
 
 
+class _Order(grain.MapDataset):
+  """Record order for training: epoch e is a shuffle of the records, seeded by (seed, e).
+
+  With per-record costs (kept-token counts), every window of W global batches of that shuffle
+  is sorted by cost, cut into W batches and the batches shuffled: clips of one batch then keep
+  similar token counts, so the layout's static shapes fit them tightly. A pure function of the
+  position, so the iterator state stays a few integers (exact resume), every record is seen
+  once per epoch (a last partial batch is dropped), and no process count enters it.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, batch_size: int, seed: int,
+               num_epochs: int | None, costs: np.ndarray | None = None, window: int = 0):
+    super().__init__(parent)
+    self._n, self._batch, self._seed = len(parent), batch_size, seed
+    self._per_epoch = self._n // batch_size * batch_size
+    self._epochs, self._costs, self._window = num_epochs, costs, window
+    self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return sys.maxsize if self._epochs is None else self._epochs * self._per_epoch
+
+  def _epoch(self, epoch: int) -> np.ndarray:
+    key = (epoch, -1)
+    if key not in self._cache:
+      self._cache = {k: v for k, v in self._cache.items() if k[0] == epoch}
+      self._cache[key] = np.random.default_rng([self._seed, epoch]).permutation(self._n)
+    return self._cache[key]
+
+  def _window_order(self, epoch: int, w: int) -> np.ndarray:
+    span = self._window * self._batch
+    if (epoch, w) not in self._cache:
+      ids = self._epoch(epoch)[w * span:min((w + 1) * span, self._per_epoch)]
+      ids = ids[np.argsort(self._costs[ids], kind="stable")].reshape(-1, self._batch)
+      rng = np.random.default_rng([self._seed, epoch, w, 1])
+      self._cache[(epoch, w)] = ids[rng.permutation(len(ids))].reshape(-1)
+    return self._cache[(epoch, w)]
+
+  def index(self, j: int) -> int:
+    """The record at position j of the stream."""
+    epoch, i = divmod(j, self._per_epoch)
+    if self._costs is None or self._window <= 1:
+      return int(self._epoch(epoch)[i])
+    w, k = divmod(i, self._window * self._batch)
+    return int(self._window_order(epoch, w)[k])
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    return self._parent[self.index(j)]
+
+  def __str__(self) -> str:
+    return f"Order(batch={self._batch}, window={self._window}, sorted={self._costs is not None})"
+
+
+def record_costs(patterns: str, sampling: Sampling, *, cache_dir: str | None = None,
+                 process_index: int = 0, process_count: int = 1,
+                 workers: int = 0) -> np.ndarray:
+  """Tokens each record's centre clip keeps under `sampling.policy`: the sort key of training.
+
+  Decodes one clip per record once; cached in `cache_dir` (keyed by shards, sampling and
+  policy). With several processes each computes a share and all gather the whole array.
+  """
+  source = open_source(patterns)
+  key = hashlib.sha256(repr((source.shards, len(source), sampling)).encode()).hexdigest()[:16]
+  path = os.path.join(cache_dir, f"record_costs_{key}.npy") if cache_dir else None
+  if path and os.path.exists(path):
+    costs = np.load(path, allow_pickle=False)
+    if costs.shape == (len(source),):
+      return costs
+  centre = dataclasses.replace(sampling, views=(1, 1))
+  share = np.arange(process_index, len(source), process_count)
+  ds = grain.MapDataset.source(_Views(source, 1, process_index, process_count, 1))
+  ds = ds.map(Transform(centre, "eval")).to_iter_dataset(
+      grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=64))
+  mine = np.asarray([int(e["kept"]) for e, _ in zip(ds, share)], np.int32)
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+    width = -(-len(source) // process_count)
+    padded = np.full(width, -1, np.int32)
+    padded[:len(mine)] = mine
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # (P, width)
+    costs = gathered.T.reshape(-1)[:len(source)]
+  else:
+    costs = mine
+  if path and process_index == 0:
+    os.makedirs(cache_dir, exist_ok=True)
+    with files.atomic_write(path, "wb") as f:
+      np.save(f, costs)
+  return costs
+
+
 def _mark_flags_parsed() -> None:
   """grain's multiprocessing reads absl flags; a library caller may not have parsed them."""
   if not flags.FLAGS.is_parsed():
@@ -250,31 +340,41 @@ def _mark_flags_parsed() -> None:
 
 def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
-                 workers: int = 0, strict: bool = False) -> grain.IterDataset:
+                 workers: int = 0, strict: bool = False, prefetch: int = 2,
+                 costs: np.ndarray | None = None, sort_window: int = 0) -> grain.IterDataset:
   """This process's batches (`batch_size` is per process) of dicts of numpy arrays.
 
-  Train: shuffled anew every epoch, repeated `num_epochs` times (None: forever), whole batches
-  only. Val/test: every (record, view) once, in order, padded with `valid = False` examples to
-  whole batches and to the same batch count on every process.
+  Train: shuffled anew every epoch (and, given per-record `costs`, sorted by cost within
+  windows of `sort_window` global batches), repeated `num_epochs` times (None: forever), whole
+  batches only. Eval: every (record, view) once, in order, padded with `valid = False`
+  examples to whole batches and to the same batch count on every process. At most about
+  `prefetch` batches are decoded ahead (host memory: prefetch × batch × clip bytes).
   """
   if mode not in MODES:
     raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+  for name, value in (("batch_size", batch_size), ("prefetch", prefetch)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r}: expected a positive integer")
   source = open_source(patterns)
   if len(source) == 0:
     raise FileNotFoundError(f"the shards matching {patterns!r} hold no records")
   transform = Transform(sampling, mode, strict)
   if mode == "train":
-    if len(source) < batch_size * process_count:
+    global_batch = batch_size * process_count
+    if len(source) < global_batch:
       raise ValueError(f"{patterns}: {len(source)} records, fewer than one global batch of "
-                       f"{batch_size * process_count}")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+                       f"{global_batch}")
+    ds = _Order(grain.MapDataset.source(source), batch_size=global_batch, seed=seed,
+                num_epochs=num_epochs, costs=costs, window=sort_window)
     ds = _ProcessShare(ds.random_map(transform, seed=seed + 1), batch_size, process_index,
                        process_count)
   else:
-    views = sampling.views(mode)
-    ds = grain.MapDataset.source(_Views(source, views[0] * views[1], process_index,
-                                        process_count, batch_size)).map(transform)
-  ds = ds.batch(batch_size, drop_remainder=mode == "train").to_iter_dataset()
+    views = sampling.views[0] * sampling.views[1]
+    ds = grain.MapDataset.source(_Views(source, views, process_index, process_count,
+                                        batch_size)).map(transform)
+  read = grain.ReadOptions(num_threads=min(16, prefetch * batch_size),
+                           prefetch_buffer_size=prefetch * batch_size)
+  ds = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=mode == "train")
   if workers > 0:
     _mark_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

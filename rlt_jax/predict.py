@@ -3,83 +3,84 @@
     python -m rlt_jax.predict --checkpoint DIR|FILE.pth --frames clips.npy \
         [--policy none|rlt|random] [--threshold 0.1] [--output logits.npy]
     python -m rlt_jax.predict --checkpoint DIR|FILE.pth --video FILE.mp4 \
-        [--labels classes.txt] [--views 4x3] [--policy rlt]
+        [--labels classes.txt] [--views 4x3] [--policy rlt] [--tome R]
 
 `clips.npy` holds uint8 RGB clips (B, T, H, W, 3), normalised here exactly as in training.
-A video is decoded with PyAV (frames in decoder order), sampled as the release tests
-(every 4th frame, short side → 224, clips × crops views) and the views' softmax averaged.
-With --policy rlt each clip's logits are those of the model run on its kept tokens alone:
-the capacity is picked per batch from 128-token buckets (kept counts computed on the host), so
-no clip ever overflows and at most one forward per bucket is compiled.
+A video is decoded with PyAV in one streaming pass that keeps only the frames its views need
+(frames in decoder order), sampled as the release tests (every 4th frame, short side → 224,
+clips × crops views) and the views' softmax averaged. Clips are grouped by kept-token count
+before batching (results come back in the input order), and each batch runs at static shapes
+planned from its exact counts: each clip's logits are those of its kept tokens alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import os
 import sys
 
 import jax
 import numpy as np
 
-from rlt_jax import checkpoint, convert, rlt, torch_checkpoint, video
+from rlt_jax import (checkpoint, convert, files, forward, layout, rlt, torch_checkpoint,
+                     video)
+from rlt_jax.models import vit
 
 
-def load(path: str) -> tuple[dict, dict]:
-  """(model config, params) from a converted directory or, converted on the fly, a .pth."""
+def load(path: str) -> tuple[vit.ModelSpec, dict]:
+  """(spec, params) from a converted directory or, converted on the fly, a .pth."""
   if os.path.isdir(path):
     return checkpoint.load_model(path)
   params, config, _ = convert.convert(path)
-  return config, params
+  return vit.ModelSpec.from_dict(config, path), params
 
 
 class Predictor:
-  """Batched logits for uint8 clips under a token policy; one compilation per capacity."""
+  """Batched logits for uint8 clips under a token policy (and optionally ToMe)."""
 
-  def __init__(self, config: dict, params: dict, *, policy: str = "none",
-               threshold: float = 0.1, keep_fraction: float = 0.5, batch_size: int = 8,
-               seed: int = 0):
-    self.config, self.params, self.batch_size = config, params, batch_size
-    self.tokenizer = rlt.TokenizerConfig(policy=policy, threshold=threshold,
-                                         keep_fraction=keep_fraction)
-    self.model = checkpoint.build_model(config, tokenizer=self.tokenizer)
-    self.buckets = rlt.capacity_buckets(self.model.num_tokens)
+  def __init__(self, spec: vit.ModelSpec, params: dict, *, policy: rlt.Policy = rlt.Policy(),
+               batch_size: int = 8, tome: int = 0, seed: int = 0):
+    if batch_size < 1:
+      raise ValueError(f"--batch_size {batch_size}: expected ≥ 1")
+    self.spec, self.params, self.batch_size, self.policy = spec, params, batch_size, policy
+    model = vit.build(spec)
+    if tome:
+      from rlt_jax.models import tome as tome_lib
+      model = model.clone(tome=tome_lib.schedule(tome, spec.depth, spec.num_tokens))
+    token_layout = layout.Layout("padded" if tome else "stream")
+    self.forward = forward.Forward(model, policy, token_layout)
     self.rng = jax.random.PRNGKey(seed)
 
-  @functools.partial(jax.jit, static_argnums=(0, 4))
-  def _forward(self, params, frames, rng, capacity):
-    tokenizer = dataclasses.replace(self.tokenizer, capacity=capacity)
-    return self.model.clone(tokenizer=tokenizer).apply(
-        {"params": params}, frames, rngs={"tokens": rng})
-
-  def _capacity(self, frames: np.ndarray) -> int:
-    if self.tokenizer.policy == "rlt":
-      mask = rlt.keep_mask(rlt.normalize(frames), threshold=self.tokenizer.threshold,
-                           tubelet_size=self.model.tubelet_size, patch_size=self.model.patch_size)
-      return rlt.choose_capacity(mask.reshape(len(frames), -1).sum(-1), self.buckets)
-    if self.tokenizer.policy == "random":
-      kept = rlt.random_keep_count(self.model.num_tokens, self.tokenizer.keep_fraction)
-      return rlt.choose_capacity([kept], self.buckets)
-    return self.model.num_tokens
-
   def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (B, classes) float32, tokens kept per clip (B,))."""
-    want = (self.model.num_frames, self.model.image_size, self.model.image_size, 3)
+    """(logits (B, classes) float32, tokens kept per clip (B,)), in the order of `frames`."""
+    want = (self.spec.num_frames, self.spec.image_size, self.spec.image_size, 3)
     if frames.dtype != np.uint8 or frames.ndim != 5 or frames.shape[1:] != want:
       raise ValueError(f"clips must be uint8 of shape (B, {', '.join(map(str, want))}); got "
                        f"{frames.dtype} {frames.shape}")
-    logits, kept = [], []
+    if len(frames) == 0:
+      raise ValueError("no clips to run (an empty array)")
+    counts = rlt.kept_counts(frames, self.policy, tubelet_size=self.spec.tubelet_size,
+                             patch_size=self.spec.patch_size)
+    order = forward.order_by_cost(counts)
+    logits = np.zeros((len(frames), self.spec.num_classes), np.float32)
+    kept = np.zeros(len(frames), np.int32)
     for start in range(0, len(frames), self.batch_size):
-      chunk = frames[start:start + self.batch_size]
+      chosen = order[start:start + self.batch_size]
       self.rng, rng = jax.random.split(self.rng)
       with jax.default_matmul_precision("highest"):
-        out = self._forward(self.params, chunk, rng, self._capacity(chunk))
-      rlt.raise_on_overflow(out.num_overflow, self.tokenizer)  # cannot happen: a safeguard
-      logits.append(np.asarray(out.logits, np.float32))
-      kept.append(np.asarray(out.kept))
-    return np.concatenate(logits), np.concatenate(kept)
+        out, counts, _ = self.forward(self.params, frames[chosen], rng=rng)
+      logits[chosen], kept[chosen] = np.asarray(out, np.float32), counts
+    return logits, kept
+
+
+def parse_views(text: str) -> tuple[int, int]:
+  try:
+    clips, crops = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"--views {text!r}: expected CLIPSxCROPS such as 4x3") from None
+  if clips < 1 or crops < 1:
+    raise ValueError(f"--views {text!r}: clips and crops must each be at least 1")
+  return clips, crops
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,46 +93,58 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--policy", choices=rlt.POLICIES, default="rlt")
   parser.add_argument("--threshold", type=float, default=0.1)
   parser.add_argument("--keep_fraction", type=float, default=0.5, help="for --policy random")
+  parser.add_argument("--tome", type=int, default=0,
+                      help="Token Merging: tokens merged per block (0: off); training-free")
   parser.add_argument("--output", help="write the logits (B, classes) float32 here (.npy)")
   parser.add_argument("--labels", help="class names, one per line")
   parser.add_argument("--views", default="4x3", help="clips x crops for --video")
   parser.add_argument("--batch_size", type=int, default=8)
   args = parser.parse_args(argv)
   try:
-    config, params = load(args.checkpoint)
-    predictor = Predictor(config, params, policy=args.policy, threshold=args.threshold,
-                          keep_fraction=args.keep_fraction, batch_size=args.batch_size)
+    if args.tome < 0:
+      raise ValueError(f"--tome {args.tome}: expected ≥ 0")
+    token_policy = rlt.Policy(args.policy, args.threshold, args.keep_fraction)
+    views = parse_views(args.views)
+    for path in (args.checkpoint, args.frames or args.video, args.labels):
+      if path and not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or directory")
+    spec, params = load(args.checkpoint)
+    predictor = Predictor(spec, params, policy=token_policy, batch_size=args.batch_size,
+                          tome=args.tome)
     if args.frames:
-      clips_ = np.load(args.frames, allow_pickle=False)
-    else:
       try:
-        num_clips, num_crops = (int(v) for v in args.views.lower().split("x"))
-      except ValueError:
-        raise ValueError(f"--views {args.views!r}: expected CLIPSxCROPS such as 4x3") from None
-      clips_ = video.test_views(video.decode(args.video)[0], clips=num_clips, crops=num_crops,
-                          clip_len=predictor.model.num_frames, size=predictor.model.image_size)
+        clips_ = np.load(args.frames, allow_pickle=False)
+      except (OSError, ValueError) as e:
+        raise ValueError(f"--frames {args.frames}: not a readable .npy array ({e})") from None
+      if not isinstance(clips_, np.ndarray):
+        raise ValueError(f"--frames {args.frames}: an .npz archive; expected one .npy array")
+    else:
+      clips_ = video.read_test_views(args.video, clips=views[0], crops=views[1],
+                                     clip_len=spec.num_frames, stride=4, size=spec.image_size)
     try:
       logits, kept = predictor(clips_)
     except ValueError as e:
       raise ValueError(f"{args.frames or args.video}: {e}") from None
     names = None
     if args.labels:
-      with open(args.labels) as f:
-        names = [line.strip() for line in f if line.strip()]
+      try:
+        with open(args.labels, encoding="utf-8") as f:
+          names = [line.strip() for line in f if line.strip()]
+      except UnicodeDecodeError as e:
+        raise ValueError(f"--labels {args.labels}: not UTF-8 text ({e})") from None
       if len(names) != logits.shape[1]:
         raise ValueError(f"--labels {args.labels}: {len(names)} names for a model with "
                          f"{logits.shape[1]} classes")
-  except (ValueError, OSError, video.VideoError, convert.ConversionError, torch_checkpoint.UnsafeCheckpointError,
-          OverflowError) as e:
+  except (ValueError, OSError, video.VideoError, convert.ConversionError,
+          torch_checkpoint.UnsafeCheckpointError, OverflowError) as e:
     sys.exit(f"error: {e}")
 
   if args.output:
-    tmp = args.output + ".tmp.npy"
-    np.save(tmp, logits)
-    os.replace(tmp, args.output)
-  fraction = kept.mean() / predictor.model.num_tokens
+    with files.atomic_write(args.output, "wb") as f:
+      np.save(f, logits)
+  fraction = kept.mean() / spec.num_tokens
   print(f"{len(logits)} clip(s), policy {args.policy}: {kept.mean():.0f} of "
-        f"{predictor.model.num_tokens} tokens kept on average ({fraction:.1%})")
+        f"{spec.num_tokens} tokens kept on average ({fraction:.1%})")
   if args.video:
     probs = jax.nn.softmax(logits, axis=-1).mean(0)
     for rank, c in enumerate(np.argsort(-probs)[:5], 1):

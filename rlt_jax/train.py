@@ -9,6 +9,7 @@ batches and losses of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,9 +24,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlt_jax import (augment, checkpoint, evaluate, input_pipeline, optim, rlt, sharding,
-                     synthetic)
-from rlt_jax.models import vit
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rlt_jax import (augment, checkpoint, console, evaluate, files, forward, input_pipeline,
+                     layout, optim, rlt, sharding, synthetic)
+from rlt_jax.models import tome, vit
 
 
 class ConfigError(ValueError):
@@ -38,57 +41,95 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------- setup
 
-def tokenizer_config(config: ml_collections.ConfigDict) -> rlt.TokenizerConfig:
+def policy(config: ml_collections.ConfigDict) -> rlt.Policy:
   r = config.rlt
-  return rlt.TokenizerConfig(policy=r.policy, threshold=r.threshold, keep_fraction=r.keep_fraction,
-                             capacity=r.capacity or None, packing=r.packing,
-                             row_length=r.row_length or None, num_rows=r.num_rows or None,
-                             overflow=r.overflow)
+  return rlt.Policy(kind=r.policy, threshold=float(r.threshold), keep_fraction=r.keep_fraction,
+                    max_tokens=r.max_tokens)
 
 
-def build_model(config: ml_collections.ConfigDict, *, train: bool) -> vit.VisionTransformer:
-  """The ViT the config names, or the architecture of `init_from`'s model.json."""
-  m = config.model
-  runtime = dict(dtype=vit.DTYPES[m.dtype], attention=m.attention, remat=m.remat,
-                 dropout=m.dropout if train else 0.0, drop_path=m.drop_path if train else 0.0,
-                 head_dropout=m.head_dropout if train else 0.0)
+def token_layout(config: ml_collections.ConfigDict) -> layout.Layout:
+  l = config.layout
+  return layout.Layout(kind=l.kind, capacity_step=l.capacity_step,
+                       stream_buckets=l.stream_buckets, capacity=l.capacity)
+
+
+def model_spec(config: ml_collections.ConfigDict) -> vit.ModelSpec:
+  """The architecture the config names, or the one saved with `init_from`."""
   if config.init_from:
-    saved = checkpoint.read_model_config(config.init_from)
-    model = checkpoint.build_model(saved, **runtime)
-  else:
-    shape = {k: m[k] for k in ("patch_size", "tubelet_size", "num_frames", "image_size", "width",
-                               "depth", "num_heads", "mlp_dim") if m.get(k)}
-    model = vit.build(m.variant, num_classes=m.num_classes, length_embedding=m.length_embedding,
-                      **shape, **runtime)
-  return model.clone(tokenizer=tokenizer_config(config))
+    return checkpoint.read_spec(config.init_from)
+  m = config.model
+  shape = {k: m[k] for k in ("patch_size", "tubelet_size", "num_frames", "image_size", "width",
+                             "depth", "num_heads", "mlp_dim") if m[k] is not None}
+  return vit.ModelSpec.from_variant(m.variant, num_classes=m.num_classes,
+                                    length_embedding=m.length_embedding, **shape)
 
 
-def sampling(config: ml_collections.ConfigDict, model: vit.VisionTransformer,
-             with_kept: bool) -> input_pipeline.Sampling:
+def build_model(config: ml_collections.ConfigDict, spec: vit.ModelSpec, *,
+                train: bool) -> vit.VisionTransformer:
+  m = config.model
+  merges = tome.schedule(config.tome.r, spec.depth, spec.num_tokens) if config.tome.r else ()
+  return vit.build(spec, dtype=m.dtype, attention=m.attention, remat=m.remat, tome=merges,
+                   dropout=m.dropout if train else 0.0, drop_path=m.drop_path if train else 0.0,
+                   head_dropout=m.head_dropout if train else 0.0)
+
+
+def parse_views(text: str, key: str) -> tuple[int, int]:
+  try:
+    clips, crops = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise ConfigError(f"{key}={text!r}: expected CLIPSxCROPS such as 4x3") from None
+  if clips < 1 or crops < 1:
+    raise ConfigError(f"{key}={text!r}: clips and crops must be at least 1")
+  return clips, crops
+
+
+def sampling(config: ml_collections.ConfigDict, spec: vit.ModelSpec,
+             views: str = "1x1") -> input_pipeline.Sampling:
   d = config.data
   return input_pipeline.Sampling(
-      num_frames=model.num_frames, stride=d.stride, source_fps=d.source_fps or None,
-      image_size=model.image_size, flip=d.flip, min_area=d.min_area,
-      test_clips=d.test_clips, test_crops=d.test_crops, tubelet_size=model.tubelet_size,
-      patch_size=model.patch_size,
-      host_rlt_threshold=config.rlt.threshold if with_kept and config.rlt.policy == "rlt"
-      else None)
+      num_frames=spec.num_frames, stride=d.stride, source_fps=d.source_fps,
+      image_size=spec.image_size, flip=d.flip, min_area=d.min_area,
+      views=parse_views(views, "config.data views"), tubelet_size=spec.tubelet_size,
+      patch_size=spec.patch_size, policy=policy(config))
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-  """Every mistake we can see without compiling: names, divisibility, files."""
+def check(config: ml_collections.ConfigDict) -> vit.ModelSpec:
+  """Every mistake we can see without compiling: names, sizes, divisibility, files."""
   if config.mode not in ("train", "eval"):
     raise ConfigError(f"config.mode={config.mode!r}: expected 'train' or 'eval'")
-  if config.model.variant not in vit.VARIANTS:
-    raise ConfigError(f"config.model.variant={config.model.variant!r}: expected one of "
-                      f"{sorted(vit.VARIANTS)}")
-  if config.model.dtype not in vit.DTYPES:
-    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected one of "
-                      f"{sorted(vit.DTYPES)}")
+  if config.mode == "eval" and not config.init_from:
+    raise ConfigError("config.mode='eval' needs config.init_from (a converted model directory "
+                      "or a training workdir's exported model)")
   try:
-    tokenizer_config(config)
-  except ValueError as e:
-    raise ConfigError(f"config.rlt: {e}") from None
+    spec = model_spec(config)
+    build_model(config, spec, train=True)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.model: {e}") from None
+  if config.model.remat not in vit.REMAT_POLICIES:
+    raise ConfigError(f"config.model.remat={config.model.remat!r}: expected one of "
+                      f"{sorted(vit.REMAT_POLICIES)}")
+  for name, make in (("rlt", policy), ("layout", token_layout)):
+    try:
+      make(config)
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"config.{name}: {e}") from None
+  if not isinstance(config.tome.r, int) or config.tome.r < 0:
+    raise ConfigError(f"config.tome.r={config.tome.r!r}: expected an integer ≥ 0")
+  parse_views(config.data.val_views, "config.data.val_views")
+  parse_views(config.data.final_views, "config.data.final_views")
+  positive = ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every",
+              "checkpoint_every", "keep_checkpoints")
+  for name in positive:
+    if not isinstance(config[name], int) or config[name] < 1:
+      raise ConfigError(f"config.{name}={config[name]!r}: expected a positive integer")
+  for name in ("prefetch",):
+    if config.data[name] < 1:
+      raise ConfigError(f"config.data.{name}={config.data[name]!r}: expected ≥ 1")
+  if not 0.0 <= config.data.max_bad_fraction <= 1.0:
+    raise ConfigError(f"config.data.max_bad_fraction={config.data.max_bad_fraction!r}: "
+                      "expected a share in [0, 1]")
+  if config.total_steps is not None and config.total_steps < 1:
+    raise ConfigError(f"config.total_steps={config.total_steps!r}: expected ≥ 1 or unset")
   if config.data.synthetic_dir:
     synthetic.generate(config.data.synthetic_dir, seed=config.data.get("synthetic_seed", 0))
   devices = jax.device_count()
@@ -102,69 +143,94 @@ def check(config: ml_collections.ConfigDict) -> None:
                       f"grad_accum_steps × devices = {config.grad_accum_steps} × {devices}")
   try:
     sharding.make_mesh(**config.mesh)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     raise ConfigError(f"config.mesh: {e}") from None
   splits = (["train"] if config.mode == "train" else []) + [
-      s for s in ("val", "test") if config.data[s]]
+      s for s in ("val", "final") if config.data[s]]
   for split in splits:
     try:
       input_pipeline.list_shards(config.data[split])
-    except FileNotFoundError as e:
-      raise ConfigError(f"config.data.{split}: {e}") from None
-  if config.mode == "eval" and not config.init_from:
-    raise ConfigError("config.mode='eval' needs config.init_from (a converted model directory "
-                      "or a training workdir's exported model)")
-  if config.init_from and not os.path.isfile(os.path.join(config.init_from,
-                                                          checkpoint.MODEL_JSON)):
-    raise ConfigError(f"config.init_from={config.init_from!r}: not a saved rlt_jax model "
-                      f"(expected {checkpoint.MODEL_JSON}; convert .pth files with "
-                      f"python -m rlt_jax.convert)")
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(
+          f"config.data.{split}: {e}. Build the shards with python data/build_tfrecords.py "
+          f"(README, 'Data') or point --config.data.{split} at them") from None
+  return spec
 
 
 # ----------------------------------------------------------------------------- the step
 
-def make_train_step(model: vit.VisionTransformer, tx, lr_schedule, aug: augment.Augment,
-                    accum_steps: int):
-  """state, global batch → state, metrics. Non-finite losses skip the update and are recorded."""
+class TrainStep:
+  """state, global batch → state, metrics, in two phases around a host plan.
 
-  def loss_fn(params, frames, targets, weights, rng):
-    dropout_key, tokens_key = jax.random.split(rng)
-    out = model.apply({"params": params}, frames, train=True,
-                      rngs={"dropout": dropout_key, "tokens": tokens_key})
-    logp = jax.nn.log_softmax(out.logits.astype(jnp.float32))
-    return -jnp.sum(jnp.sum(targets * logp, -1) * weights), out
+  Phase 1 (`prepare`): normalise, mix, erase, apply the token policy; the exact kept counts
+  come to the host, which plans the static token layout. Phase 2 (`update`, one compilation
+  per plan): tokenise, forward, backward, AdamW. Non-finite losses skip the update and are
+  recorded. `plans` holds every plan compiled so far.
+  """
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  def __init__(self, model: vit.VisionTransformer, tx, lr_schedule, aug: augment.Augment,
+               token_policy: rlt.Policy, token_layout: layout.Layout, accum_steps: int,
+               mesh: jax.sharding.Mesh, state_shardings: Any = None):
+    self.model, self.tx, self.lr_schedule, self.aug = model, tx, lr_schedule, aug
+    self.policy, self.layout, self.accum = token_policy, token_layout, accum_steps
+    self.mesh, self.groups = mesh, forward.batch_groups(mesh)
+    self.plans: set[layout.Plan] = set()
+    batch = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
+    self._prepare = jax.jit(self.prepare, out_shardings=(
+        {"frames": batch, "targets": batch, "mask": batch, "weights": batch, "label": batch},
+        replicated))
+    self._update = jax.jit(self.update, static_argnums=2, donate_argnums=0,
+                           out_shardings=(state_shardings, replicated))
 
-  def step_fn(state, batch):
-    step, params = state["step"], state["params"]
-    aug_key, erase_key, model_key = jax.random.split(jax.random.fold_in(state["rng"], step), 3)
+  def prepare(self, state, batch):
+    spec = self.model.spec
+    aug_key, erase_key, token_key = jax.random.split(
+        jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), 0), 3)
     frames = rlt.normalize(batch["frames"])
-    frames, targets = augment.mix(aug_key, frames, batch["label"], aug)
-    frames = augment.erase(erase_key, frames, aug)
-    weights = batch["valid"].astype(jnp.float32)
-    if accum_steps == 1:
-      (loss_sum, out), grads = grad_fn(params, frames, targets, weights, model_key)
-      logits, kept, overflow = out.logits, out.kept, out.num_overflow
+    frames, targets = augment.mix(aug_key, frames, batch["label"], self.aug)
+    frames = augment.erase(erase_key, frames, self.aug)
+    mask = rlt.select(frames, self.policy, tubelet_size=spec.tubelet_size,
+                      patch_size=spec.patch_size, rng=token_key, valid=batch["valid"])
+    prepared = {"frames": frames, "targets": targets, "mask": mask,
+                "weights": batch["valid"].astype(jnp.float32), "label": batch["label"]}
+    return prepared, mask.sum(-1, dtype=jnp.int32)
+
+  def _loss(self, params, frames, mask, targets, weights, rng, plan):
+    spec = self.model.spec
+    tokens = layout.tokenize(frames, mask, plan, tubelet_size=spec.tubelet_size,
+                             patch_size=spec.patch_size)
+    logits = self.model.apply({"params": params}, tokens, train=True, rngs={"dropout": rng})
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.sum(jnp.sum(targets * logp, -1) * weights), logits
+
+  def update(self, state, prepared, plan: layout.Plan):
+    step, params = state["step"], state["params"]
+    model_key = jax.random.fold_in(jax.random.fold_in(state["rng"], step), 1)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    frames, mask = prepared["frames"], prepared["mask"]
+    targets, weights = prepared["targets"], prepared["weights"]
+    k = self.accum
+    if k == 1:
+      (loss_sum, logits), grads = grad_fn(params, frames, mask, targets, weights, model_key,
+                                          plan)
     else:  # micro-batch j = rows j, j + k, …, so every device holds part of each
-      split = lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1)
+      split = lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1)
 
       def micro(carry, xs):
-        f, t, w, j = xs
-        (l, o), g = grad_fn(params, f, t, w, jax.random.fold_in(model_key, j))
-        carry = jax.tree_util.tree_map(jnp.add, carry, (l, g))
-        return carry, (o.logits, o.kept, o.num_overflow)
+        f, m, t, w, j = xs
+        (l, o), g = grad_fn(params, f, m, t, w, jax.random.fold_in(model_key, j), plan)
+        return jax.tree_util.tree_map(jnp.add, carry, (l, g)), o
 
       zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
-      (loss_sum, grads), (logits, kept, overflow) = jax.lax.scan(
-          micro, zeros, (split(frames), split(targets), split(weights),
-                         jnp.arange(accum_steps)))
-      unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
-      logits, kept, overflow = unsplit(logits), unsplit(kept), overflow.sum()
+      (loss_sum, grads), logits = jax.lax.scan(
+          micro, zeros, (split(frames), split(mask), split(targets), split(weights),
+                         jnp.arange(k)))
+      logits = jnp.swapaxes(logits, 0, 1).reshape(-1, logits.shape[-1])
     count = jnp.maximum(weights.sum(), 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / count, grads)
     loss = loss_sum / count
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_params = jax.tree_util.tree_map(jnp.add, params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -174,14 +240,21 @@ def make_train_step(model: vit.VisionTransformer, tx, lr_schedule, aug: augment.
         "step": step + 1, "rng": state["rng"],
         "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step, state["bad_step"]),
     }
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(step),
+    correct = (jnp.argmax(logits, -1) == prepared["label"]).astype(jnp.float32)
+    kept = mask.sum(-1).astype(jnp.float32)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.lr_schedule(step),
                "accuracy": jnp.sum(correct * weights) / count,
-               "tokens_kept": jnp.sum(kept * weights) / count,
-               "overflow": overflow, "errors": batch["error"].sum(), "clips": weights.sum()}
+               "tokens_kept": jnp.sum(kept * weights) / count, "clips": weights.sum(),
+               "slots": jnp.float32(plan.slots)}
     return new_state, metrics
 
-  return step_fn
+  def __call__(self, state, batch):
+    with jax.set_mesh(self.mesh):
+      prepared, counts = self._prepare(state, batch)
+      plan = layout.plan(np.asarray(counts), self.layout, num_tokens=self.model.spec.num_tokens,
+                         groups=self.groups, micro_batches=self.accum)
+      self.plans.add(plan)
+      return self._update(state, prepared, plan)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -230,29 +303,50 @@ class _Log:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train (or, with mode='eval', evaluate) as the config says; returns the final metrics."""
-  check(config)
+  spec = check(config)
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(**config.mesh)
-  if config.mode == "eval":
-    return run_eval(config, workdir, mesh)
+  lock = files.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    mesh = sharding.make_mesh(**config.mesh)
+    if config.mode == "eval":
+      return run_eval(config, workdir, mesh, spec)
+    return _train(config, workdir, mesh, spec)
 
-  model = build_model(config, train=True)
-  train_sampling = sampling(config, model, with_kept=False)
-  local_batch = config.batch_size // jax.process_count()
-  dataset = input_pipeline.make_dataset(
-      config.data.train, mode="train", sampling=train_sampling, batch_size=local_batch,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=config.data.workers, strict=config.data.strict)
+
+def _train(config, workdir, mesh, spec) -> dict[str, Any]:
+  model = build_model(config, spec, train=True)
+  token_policy = policy(config)
   num_train = input_pipeline.num_examples(config.data.train)
   steps_per_epoch = max(1, num_train // config.batch_size)
   total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
+  manager = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints"),
+                                        keep=config.keep_checkpoints)
+  model_dir = os.path.join(workdir, "model")
+  if manager.latest_step() == total_steps and os.path.isdir(model_dir):
+    console.say(f"{workdir} holds a finished run ({total_steps} steps); its model is in "
+                f"{model_dir}. Nothing to do.")
+    return {"finished": total_steps}
+  start_time = time.perf_counter()
+
+  costs = None
+  if token_policy.kind == "rlt" and config.data.sort_window > 1:
+    console.say("counting the tokens each training video keeps (once; cached in the workdir)")
+    costs = input_pipeline.record_costs(
+        config.data.train, sampling(config, spec), cache_dir=os.path.join(workdir, "cache"),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        workers=config.data.workers)
+  dataset = input_pipeline.make_dataset(
+      config.data.train, mode="train", sampling=sampling(config, spec),
+      batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      workers=config.data.workers, strict=config.data.strict, prefetch=config.data.prefetch,
+      costs=costs, sort_window=config.data.sort_window)
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
 
   rng = jax.random.PRNGKey(config.seed)
-  dummy = jnp.zeros((1, model.num_frames, model.image_size, model.image_size, 3), jnp.uint8)
-  abstract_params = jax.eval_shape(
-      lambda: model.init({"params": rng, "tokens": rng}, dummy)["params"])
-  tx, lr_schedule = optim.make(config, abstract_params, depth=model.depth,
+  init_tokens = _example_tokens(spec)
+  abstract_params = jax.eval_shape(lambda: model.init(rng, init_tokens)["params"])
+  tx, lr_schedule = optim.make(config, abstract_params, depth=spec.depth,
                                total_steps=total_steps, warmup_steps=warmup_steps)
 
   def init_state(params):
@@ -267,67 +361,126 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     checkpoint.check_params(loaded, abstract_params, config.init_from)
     state = init(jax.device_put(loaded, state_shardings["params"]))
   else:
-    params = jax.jit(lambda: model.init({"params": rng, "tokens": rng}, dummy)["params"],
+    params = jax.jit(lambda: model.init(rng, init_tokens)["params"],
                      out_shardings=state_shardings["params"])()
     state = init(params)
 
-  aug = augment.Augment(num_classes=model.num_classes, **config.augment)
-  batch_shardings = sharding.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, tx, lr_schedule, aug, config.grad_accum_steps),
-                       in_shardings=(state_shardings, batch_shardings),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+  aug = augment.Augment(num_classes=spec.num_classes, **config.augment)
+  train_step = TrainStep(model, tx, lr_schedule, aug, token_policy, token_layout(config),
+                         config.grad_accum_steps, mesh, state_shardings)
 
-  manager = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints"),
-                                        keep=config.keep_checkpoints)
   iterator = iter(dataset)
   start = manager.latest_step()
   if start is not None:
-    state, iterator = manager.restore(start, abstract_state, state_shardings, iterator)
-    logging.info("resumed from %s at step %d", manager.directory, start)
+    state, iterator, start = manager.restore(abstract_state, state_shardings, iterator)
+    console.say(f"resumed from step {start} ({manager.directory})")
   start = start or 0
-  evaluator = evaluate.Evaluator(build_model(config, train=False), mesh)
+  evaluator = evaluate.Evaluator(build_model(config, spec, train=False), token_policy,
+                                 token_layout(config), mesh)
   log, preemption = _Log(workdir), _Preemption()
-  pending, last_time, last_step, result = [], time.perf_counter(), start, {}
+  bar = console.progress(total_steps, start, "train")
+  data_check = _DataCheck(spec.num_classes, config.data.max_bad_fraction, config.data.strict)
+  pending, last_time, last_step, result, summary = [], time.perf_counter(), start, {}, {}
   try:
     for step in range(start, total_steps):
       if preemption.requested:
         if manager.latest_step() != step:
           manager.save(step, state, iterator, force=True)
         manager.wait()
-        logging.info("SIGTERM: saved step %d in %s; exiting", step, manager.directory)
+        console.say(f"SIGTERM: saved step {step} in {manager.directory}; exiting")
         return {"preempted_at": step}
-      batch = sharding.global_batch(mesh, next(iterator))
-      state, metrics = train_step(state, batch)
+      local = data_check(next(iterator))
+      state, metrics = train_step(state, sharding.global_batch(mesh, local))
       pending.append(metrics)
       done = step + 1
+      bar.update(1)
       log_now = done % config.log_every == 0 or done == total_steps
       save_now = done % config.checkpoint_every == 0 or done == total_steps
       if log_now or save_now:
         _stop_if_not_finite(state, manager)
       if log_now:
         now = time.perf_counter()
-        values = _summarise(jax.device_get(pending), now - last_time, done - last_step,
-                            model.num_tokens)
-        values["epoch"] = done / steps_per_epoch
-        log.write(done, values)
-        _print_line(done, total_steps, values, (total_steps - done) * (now - last_time)
-                    / (done - last_step))
+        summary = _summarise(jax.device_get(pending), now - last_time, done - last_step,
+                             spec.num_tokens)
+        summary.update(epoch=done / steps_per_epoch, compiled_shapes=len(train_step.plans),
+                       **data_check.totals())
+        log.write(done, summary)
+        bar.write(_metric_line(done, total_steps, summary))
         pending, last_time, last_step = [], now, done
       if save_now:
         manager.save(done, state, iterator)
       if config.eval_every and config.data.val and (done % config.eval_every == 0
                                                     or done == total_steps):
-        result = _evaluate(config, evaluator, model, state["params"], "val", done, log, workdir)
-    if config.data.test:
-      result = _evaluate(config, evaluator, model, state["params"], "test", total_steps, log,
-                         workdir)
-    checkpoint.export_model(os.path.join(workdir, "model"), state["params"],
-                            checkpoint.model_config(model))
+        result = _evaluate(config, evaluator, spec, state["params"], "val", done, log, workdir,
+                           bar)
+    bar.close()
+    if config.data.final:
+      result = _evaluate(config, evaluator, spec, state["params"], "final", total_steps, log,
+                         workdir, bar)
+    checkpoint.save_model(model_dir, state["params"], spec)
   finally:
+    bar.close()
     manager.wait()
     preemption.restore()
     log.close()
+  console.say(console.summary(
+      {k: result[k] for k in ("top1", "top5", "videos", "views") if k in result},
+      tokens_kept_fraction=summary.get("tokens_kept_fraction"),
+      wall_time_s=time.perf_counter() - start_time, workdir=workdir, model_dir=model_dir,
+      checkpoint_dir=manager.directory, tensorboard_dir=os.path.join(workdir, "tensorboard"),
+      labels=_classes_file(config.data.train)))
   return result
+
+
+def _classes_file(patterns: str) -> str | None:
+  path = os.path.join(os.path.dirname(str(input_pipeline.open_source(patterns).shards[0])),
+                      "classes.txt")
+  return path if os.path.exists(path) else None
+
+
+def _example_tokens(spec: vit.ModelSpec) -> layout.TokenBatch:
+  """A one-clip token batch, to initialise parameters (they do not depend on the layout)."""
+  frames = jnp.zeros((1, spec.num_frames, spec.image_size, spec.image_size, 3), jnp.float32)
+  plan = layout.plan(np.asarray([spec.num_tokens]), layout.Layout("padded"),
+                     num_tokens=spec.num_tokens, groups=1)
+  return layout.tokenize(frames, jnp.ones((1, spec.num_tokens), bool), plan,
+                         tubelet_size=spec.tubelet_size, patch_size=spec.patch_size)
+
+
+class DataError(RuntimeError):
+  """Too many bad records or labels to trust the data."""
+
+
+class _DataCheck:
+  """Host-side checks of each local batch before it is used: labels outside [0, classes) are
+  counted and weighted out (or stop the run when strict); too many bad records in the last
+  ~20 batches stop the run, so an unreadable dataset never "trains" to the end."""
+
+  def __init__(self, num_classes: int, max_bad_fraction: float, strict: bool):
+    self.num_classes, self.limit, self.strict = num_classes, max_bad_fraction, strict
+    self.recent: list[tuple[int, int]] = []
+    self.bad_labels = self.bad_records = 0
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    label, valid = batch["label"], batch["valid"].astype(bool)
+    outside = valid & ((label < 0) | (label >= self.num_classes))
+    if outside.any():
+      if self.strict:
+        raise DataError(f"labels {sorted(set(label[outside].tolist()))[:5]} are outside "
+                        f"[0, {self.num_classes}) (config.data.strict)")
+      self.bad_labels += int(outside.sum())
+      batch = dict(batch, valid=valid & ~outside, label=np.where(outside, 0, label))
+    errors = int(batch["error"].sum())
+    self.bad_records += errors
+    self.recent = (self.recent + [(errors + int(outside.sum()), len(label))])[-20:]
+    bad, seen = map(sum, zip(*self.recent))
+    if seen >= 4 * len(label) and bad > self.limit * seen:
+      raise DataError(f"{bad} of the last {seen} training records are unreadable or mislabelled "
+                      f"(limit config.data.max_bad_fraction={self.limit}); the log names them")
+    return batch
+
+  def totals(self) -> dict[str, int]:
+    return {"bad_records": self.bad_records, "bad_labels": self.bad_labels}
 
 
 def _stop_if_not_finite(state, manager) -> None:
@@ -348,57 +501,55 @@ def _summarise(metrics: list[dict[str, np.ndarray]], seconds: float, steps: int,
   return {"loss": mean("loss"), "accuracy": mean("accuracy"), "lr": float(metrics[-1]["lr"]),
           "grad_norm": mean("grad_norm"), "tokens_kept": mean("tokens_kept"),
           "tokens_kept_fraction": mean("tokens_kept") / num_tokens,
-          "overflow_batches": float(np.sum([m["overflow"] > 0 for m in metrics])),
-          "bad_records": float(np.sum([m["errors"] for m in metrics])),
+          "slots_per_clip": float(np.sum([m["slots"] for m in metrics])) / max(clips, 1.0),
           "clips_per_s": clips / seconds, "step_time_s": seconds / steps,
           "losses": [float(m["loss"]) for m in metrics]}
 
 
-def _print_line(step: int, total: int, v: dict[str, float], eta: float) -> None:
-  if jax.process_index() != 0:
-    return
-  h, rem = divmod(int(eta), 3600)
-  extra = f" | {int(v['bad_records'])} bad records skipped" if v["bad_records"] else ""
-  print(f"step {step}/{total} | loss {v['loss']:.4f} | acc {v['accuracy']:.1%} | "
-        f"lr {v['lr']:.2e} | grad {v['grad_norm']:.3f} | tokens kept "
-        f"{v['tokens_kept_fraction']:.1%} | {v['clips_per_s']:.1f} clips/s | "
-        f"{v['step_time_s']:.3f} s/step | ETA {h}:{rem // 60:02d}:{rem % 60:02d}{extra}",
-        flush=True)
+def _metric_line(step: int, total: int, v: dict[str, float]) -> str:
+  extra = "".join(f" | {int(v[k])} {k.replace('_', ' ')} skipped"
+                  for k in ("bad_records", "bad_labels") if v.get(k))
+  return (f"step {step}/{total} | loss {v['loss']:.4f} | acc {v['accuracy']:.1%} | "
+          f"lr {v['lr']:.2e} | grad {v['grad_norm']:.3f} | tokens kept "
+          f"{v['tokens_kept_fraction']:.1%} | {v['clips_per_s']:.1f} clips/s | "
+          f"{v['step_time_s']:.3f} s/step{extra}")
 
 
-def _evaluate(config, evaluator, model, params, split, step, log, workdir) -> dict[str, Any]:
-  mode = "val" if split == "val" else "test"
-  batches = evaluate.make_batches(config.data[split], mode, sampling(config, model, True),
+def _evaluate(config, evaluator, spec, params, split, step, log, workdir, bar=None
+              ) -> dict[str, Any]:
+  views = config.data.val_views if split == "val" else config.data.final_views
+  batches = evaluate.make_batches(config.data[split], sampling(config, spec, views),
                                   config.eval_batch_size // jax.process_count(),
-                                  workers=config.data.workers, strict=config.data.strict)
+                                  workers=config.data.workers, strict=config.data.strict,
+                                  prefetch=config.data.prefetch)
   num_records = input_pipeline.num_examples(config.data[split])
-  metrics = evaluator(params, batches, num_records=num_records, num_classes=model.num_classes,
-                      description=f"{split} @ {step}")
-  evaluate.write_report(metrics, os.path.join(workdir, f"{split}_{step}.json"),
+  metrics = evaluator(params, batches, num_records=num_records, num_classes=spec.num_classes,
+                      description=f"{split} {views} @ {step}",
+                      sort_window=config.data.sort_window)
+  name = f"{split}_{views}_step{step}"
+  evaluate.write_report(metrics, os.path.join(workdir, f"{name}.json"),
                         input_pipeline.read_classes(config.data[split]))
-  summary = {f"{split}/{k}": v for k, v in metrics.items()
-             if isinstance(v, (int, float))}
-  log.write(step, summary)
-  if jax.process_index() == 0:
-    print(f"{split} @ step {step}: top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%} "
-          f"over {metrics['videos']} videos ({metrics['views']} views); tokens kept "
-          f"{metrics['tokens_kept_mean']:.0f}/{metrics['tokens_total']}; "
-          f"{metrics['clips_per_s']:.1f} clips/s", flush=True)
+  log.write(step, {f"{split}_{views}/{k}": v for k, v in metrics.items()
+                   if isinstance(v, (int, float))})
+  line = (f"{split} ({views} views) @ step {step}: top-1 {metrics['top1']:.2%}, top-5 "
+          f"{metrics['top5']:.2%} over {metrics['videos']} videos ({metrics['views']} views); "
+          f"tokens kept {metrics['tokens_kept_mean']:.0f}/{metrics['tokens_total']}; "
+          f"{metrics['clips_per_s']:.1f} clips/s")
+  (bar.write if bar is not None else console.say)(line)
   return metrics
 
 
-def run_eval(config, workdir, mesh) -> dict[str, Any]:
-  """Evaluate `init_from` on the test split (else val) under the config's token policy."""
-  model = build_model(config, train=False)
+def run_eval(config, workdir, mesh, spec) -> dict[str, Any]:
+  """Evaluate `init_from` on data.final (else data.val) under the config's token policy."""
+  model = build_model(config, spec, train=False)
   _, params = checkpoint.load_model(config.init_from)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   checkpoint.check_params(params, abstract, config.init_from)
   params = jax.device_put(params, sharding.tree_shardings(mesh, abstract))
-  split = "test" if config.data.test else "val"
+  split = "final" if config.data.final else "val"
   log = _Log(workdir)
+  evaluator = evaluate.Evaluator(model, policy(config), token_layout(config), mesh)
   try:
-    return _evaluate(config, evaluate.Evaluator(model, mesh), model, params, split, 0, log,
-                     workdir)
+    return _evaluate(config, evaluator, spec, params, split, 0, log, workdir)
   finally:
     log.close()
-
