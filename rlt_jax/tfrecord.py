@@ -157,11 +157,11 @@ def read_index(shard: str | os.PathLike) -> np.ndarray:
   header scan, so a stale or damaged index never drops or invents records."""
   shard = epath.Path(shard)
   path = index_path(shard)
+  if not path.exists():  # (a missing file raises a backend's own error type on gs://)
+    return scan_index(shard)
   try:
     with path.open("rb") as f:
       offsets = np.load(f, allow_pickle=False)
-  except FileNotFoundError:
-    return scan_index(shard)
   except (OSError, ValueError, EOFError) as e:
     problem = f"unreadable: {e}"
   else:
@@ -249,10 +249,10 @@ def _check_summary(folder: epath.Path, prefix: str, count: str, advice: str) -> 
   if not prefix.endswith(".tfrecord"):
     return
   path = folder / f"{prefix.removesuffix('.tfrecord')}.summary.json"
+  if not path.exists():
+    return
   try:
     summary = json.loads(path.read_text())
-  except FileNotFoundError:
-    return
   except ValueError as e:
     raise ValueError(f"{path}: not a build summary ({e}); {advice}") from None
   if not summary.get("complete", True):  # summaries without the key were written at the end
