@@ -133,7 +133,8 @@ def test_writers_never_follow_a_symlink_planted_at_a_temporary_name(tmp_path):
 
 
 def test_the_index_is_hidden_from_shard_globs(tmp_path):
-  """tf.data and Scenic read every file `train.tfrecord-*` matches: an index there is a bad shard."""
+  """tf.data and Scenic read every file `train.tfrecord-*` matches: an index there is a bad
+  shard."""
   shard = write_shard(tmp_path / "train.tfrecord-00000-of-00001")
   assert [p.name for p in tmp_path.glob("train.tfrecord-*")] == [shard.name]
   assert tfrecord.index_path(shard) == tmp_path / ".rlt_index" / f"{shard.name}.npy"
