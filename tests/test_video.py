@@ -1,5 +1,9 @@
 """video.py: decoding real files, resampling, and the release's sampling and test views."""
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -62,3 +66,92 @@ def test_jpeg_round_trip_is_close():
   assert back.shape == frame.shape and np.abs(back.astype(int) - frame).mean() < 4
   with pytest.raises(OSError):
     video.decode_jpeg(video.encode_jpeg(frame)[:200])
+
+
+VIEWS = [dict(clips=4, crops=3, clip_len=16, stride=4, size=224),  # predict's default
+         dict(clips=3, crops=1, clip_len=8, stride=2, size=64),
+         dict(clips=2, crops=3, clip_len=4, stride=2, size=32, fps=10),  # fewer frames
+         dict(clips=2, crops=2, clip_len=16, stride=4, size=96, fps=50)]  # repeated frames
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi"])
+@pytest.mark.parametrize("views", VIEWS, ids=lambda v: "-".join(map(str, v.values())))
+def test_streaming_views_equal_the_full_decode(tmp_path, suffix, views):
+  path = str(tmp_path / f"clip{suffix}")
+  write_video(path, frames=70, height=120, width=160)
+  fps = views.get("fps")
+  expected = video.test_views(video.decode(path, fps=fps)[0],
+                              **{k: v for k, v in views.items() if k != "fps"})
+  np.testing.assert_array_equal(video.read_test_views(path, **views), expected)
+
+
+def test_clips_may_be_a_function_of_the_frame_count(tmp_path):
+  path = str(tmp_path / "clip.mp4")
+  write_video(path, frames=70, height=64, width=80)
+  views = video.read_test_views(path, clips=lambda n: n // 10, crops=1, clip_len=4, stride=2,
+                                size=32)
+  assert len(views) == 7
+
+
+@pytest.mark.parametrize("error", [-5, 9])
+def test_a_wrong_frame_count_is_caught_and_the_views_read_again(tmp_path, monkeypatch, error):
+  path = str(tmp_path / "clip.mp4")
+  write_video(path, frames=50, height=64, width=80)
+  expected = video.test_views(video.decode(path)[0], clips=3, crops=1, clip_len=8, stride=2,
+                              size=32)
+  monkeypatch.setattr(video, "count_frames", lambda path, fps: 50 + error)
+  passes = []
+  decoded = video._decoded
+  monkeypatch.setattr(video, "_decoded", lambda *a: passes.append(a) or decoded(*a))
+  views = video.read_test_views(path, clips=3, crops=1, clip_len=8, stride=2, size=32)
+  np.testing.assert_array_equal(views, expected)
+  assert len(passes) == 2
+
+
+def test_streaming_converts_only_the_frames_the_views_use(tmp_path, monkeypatch):
+  path = str(tmp_path / "clip.mp4")
+  write_video(path, frames=200, height=64, width=80)
+  converted = []
+  rgb = video._rgb
+  monkeypatch.setattr(video, "_rgb", lambda frame, path: converted.append(1) or rgb(frame, path))
+  video.read_test_views(path, clips=2, crops=3, clip_len=8, stride=2, size=32)
+  assert len(converted) <= 2 * 8 + 1  # the clips' frames, and the first for the shape
+
+
+def test_streaming_memory_grows_with_the_views_not_the_video(tmp_path):
+  """Peak RSS (VmHWM) beyond the imports: a whole decode holds every frame, streaming a few."""
+  path = str(tmp_path / "long.avi")
+  write_video(path, frames=400)  # 400 × 240 × 320 × 3 bytes = 92 MB decoded
+  frames_kb = 400 * 240 * 320 * 3 / 1024
+  code = textwrap.dedent("""
+      import re, sys
+      from rlt_jax import video
+      def peak_kb():
+        return int(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read())[1])
+      before = peak_kb()
+      views = dict(clips=2, crops=3, clip_len=8, stride=2, size=64)
+      if sys.argv[2] == "stream":
+        video.read_test_views(sys.argv[1], **views)
+      else:
+        video.test_views(video.decode(sys.argv[1])[0], **views)
+      print(peak_kb() - before)""")
+  growth = {mode: int(subprocess.run([sys.executable, "-c", code, path, mode], check=True,
+                                     capture_output=True, text=True).stdout)
+            for mode in ("stream", "decode")}
+  assert growth["decode"] > frames_kb and growth["stream"] < frames_kb / 2, growth
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi"])
+def test_frames_are_counted_without_decoding(tmp_path, suffix):
+  path = str(tmp_path / f"clip{suffix}")
+  write_video(path, frames=33, height=64, width=80)
+  for fps in (None, 10, 50):
+    assert video.count_frames(path, fps=fps) == len(video.decode(path, fps=fps)[0])
+
+
+def test_streaming_names_a_bad_file(tmp_path):
+  bad = tmp_path / "broken.mp4"
+  bad.write_bytes(b"\x00" * 100)
+  for path in (bad, tmp_path / "missing.mp4"):
+    with pytest.raises(video.VideoError, match=path.name):
+      video.read_test_views(str(path), clips=1, crops=1, clip_len=4, stride=2, size=32)
