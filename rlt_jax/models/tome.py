@@ -57,7 +57,8 @@ class Merge(NamedTuple):
   The output row is `unmerged` then `b`, N - r slots; all entries are row positions (int32).
   unmerged (B, ceil(N/2) - r): the A tokens kept as they are, in A order.
   b (B, N // 2): the B tokens, in B order; each is the merge target of zero or more of:
-  src (B, r): the A tokens merged away, each into b[dst] (dst (B, r) indexes `b`, not the row).
+  src (B, r): the A tokens merged away, each into b[dst] (dst (B, r) indexes `b`, not the row);
+  those of size 0 (padding) add nothing, and one that lands on padding of B is just moved.
   At r = 0, unmerged is every position in row order and src, dst, b are empty.
   """
   unmerged: jax.Array
@@ -105,9 +106,9 @@ def bipartite_soft_matching(metric: jax.Array, valid: jax.Array, r: int) -> Merg
   node_idx = jnp.where(a_valid, scores.argmax(axis=-1).astype(jnp.int32), pad_match[None, :])
 
   # Merge order: the best min(r, n // 2) valid A, then padding A (A[num_a:], in order), then,
-  # only if padding runs out (see the module docstring), the next best valid A. top_k breaks
-  # ties towards the lower index, and padding (-inf) ranks after every valid A (a lone valid
-  # token, with no valid B and so -inf too, is A[0] and comes first).
+  # only if padding runs out (see the module docstring), the valid A the reference keeps.
+  # top_k breaks ties towards the lower index, and padding (-inf) ranks after every valid A
+  # (a lone valid token, with no valid B and so -inf too, is A[0] and comes first).
   best = jax.lax.top_k(node_max, r)[1].astype(jnp.int32)  # (B, r)
   num = valid.sum(axis=-1, dtype=jnp.int32)[:, None]
   num_a, num_merged = (num + 1) // 2, jnp.minimum(r, num // 2)
@@ -115,7 +116,7 @@ def bipartite_soft_matching(metric: jax.Array, valid: jax.Array, r: int) -> Merg
   k = jnp.arange(r, dtype=jnp.int32)[None, :]
   extra = k - num_merged
   overflow = jnp.clip(num_merged + extra - padding_a, 0, r - 1)
-  src_a = jnp.where(extra < 0, _take(best, jnp.clip(k, 0, r - 1)),
+  src_a = jnp.where(extra < 0, best,
                     jnp.where(extra < padding_a, num_a + extra, _take(best, overflow)))
 
   # Such an overflowing A token is not merged but moved to B's first padding slot, B[n // 2]
