@@ -106,8 +106,8 @@ def keep_mask(clips: np.ndarray, threshold: float) -> np.ndarray:
                        tubelet_size=TUBELET, patch_size=PATCH)
 
 
-def kept_counts(clips: np.ndarray, threshold: float, chunk: int = 16) -> np.ndarray:
-  """Tokens kept per clip, `chunk` clips at a time: normalised clips take 4× their uint8 bytes."""
+def kept_counts(clips: np.ndarray, threshold: float, chunk: int = 4) -> np.ndarray:
+  """Tokens kept per clip, `chunk` clips at a time: the mask takes ~10× a clip's uint8 bytes."""
   return np.concatenate([keep_mask(clips[i:i + chunk], threshold).sum((1, 2, 3))
                          for i in range(0, len(clips), chunk)])
 
