@@ -1,18 +1,21 @@
 """Throughput measurements. Speed targets live here, never in timed tests.
 
+    python -m rlt_jax.benchmark clips VIDEO... --output clips.npy   # real clips, 16 × 224²
     python -m rlt_jax.benchmark model [--variant B/16] [--batch 32] [--dtype bfloat16]
-        [--source synthetic|DATA_GLOB] [--threshold 0.1] [--tiny] [--output results.json]
+        [--frames clips.npy | --source synthetic|DATA_GLOB] [--threshold 0.1] [--tome R]
+        [--no_train] [--tiny] [--output results.json]
     python -m rlt_jax.benchmark data [--videos 8] [--seconds 10]
 
-`model`: forward (inference) and full train-step (forward, backward, AdamW) throughput for
-policies none, rlt and random (at RLT's mean token count), with batching at a fixed capacity
-(the bucket that holds every clip of the run), bucketed capacity (per batch, from host kept
-counts) and packed rows. Per configuration: clips/s, tokens kept, speedup over `none`, the
-ideal speedup from the FLOPs of the kept tokens (linear and attention terms), efficiency =
-achieved / ideal, RLT's own overhead (mask + compaction, ms and % of the forward pass),
-compilations, and MFU against the device's peak where known. Warm-up excluded, device
-synchronised, medians over repeats. `--tiny` runs a small model on small clips (CPU, < 1 min)
-and asserts nothing about speed.
+`model`: forward (inference, `forward.Forward`) and train-step (the trainer's own
+`train.TrainStep`: augmentation, forward, backward, AdamW) throughput for: all tokens; RLT in
+the 'padded' and 'stream' layouts, with clips in their given order and grouped by kept count
+(as evaluation, predict and training batch them); random dropping at RLT's mean budget; ToMe
+at a matched budget, alone and after RLT. Per setting: clips/s, tokens kept, speedup over all
+tokens, the ideal speedup (FLOPs of every clip's own tokens, no padding: so the layout cannot
+inflate it), efficiency = achieved / ideal, RLT's own overhead (normalise + mask + counts, ms
+and % of the forward pass), compiled shapes, and MFU where the device's peak is known.
+Warm-up excluded, device synchronised, medians over repeats. `--tiny` runs a small model on
+small clips (CPU, < 1 min) and asserts nothing about speed.
 
 `data`: the TFRecord converter (videos/s) and the training input pipeline (16 × 224² clips at
 stride 4 from 256-short-side JPEG frames, random resized crop + flip) on generated H.264
@@ -366,6 +369,14 @@ def print_table(report: dict) -> None:
           f"{r['rlt_overhead_pct']:6.1f} {mfu:>5s} {r['compilations']:6d}")
 
 
+def real_clips(paths: list[str], *, num_frames: int = 16, size: int = 224, stride: int = 4,
+               frames_per_clip: int = 64) -> np.ndarray:
+  """Centre-crop clips of real videos: one per `frames_per_clip` source frames of each video."""
+  clips = [video.read_test_views(p, clips=lambda n: max(1, n // frames_per_clip), crops=1,
+                                 clip_len=num_frames, stride=stride, size=size) for p in paths]
+  return np.concatenate(clips)
+
+
 def _write_json(path: str, value: dict) -> None:
   with files.atomic_write(path) as f:
     json.dump(value, f, indent=1)
@@ -392,11 +403,32 @@ def main(argv: list[str] | None = None) -> None:
                             help="ToMe r per block (-1: matched to RLT's mean budget; 0: off)")
   model_parser.add_argument("--tiny", action="store_true", help="small model on CPU (smoke)")
   model_parser.add_argument("--output", help="also write the results as JSON here")
+  clips_parser = sub.add_parser("clips", help="cut real videos into a --frames file")
+  clips_parser.add_argument("videos", nargs="+", help="video files (mp4, avi, webm …)")
+  clips_parser.add_argument("--output", required=True, help=".npy to write")
+  clips_parser.add_argument("--num_frames", type=int, default=16)
+  clips_parser.add_argument("--size", type=int, default=224)
+  clips_parser.add_argument("--stride", type=int, default=4)
+  clips_parser.add_argument("--frames_per_clip", type=int, default=64,
+                            help="one clip per this many source frames of each video")
   data_parser = sub.add_parser("data", help="converter and input pipeline throughput")
   data_parser.add_argument("--videos", type=int, default=8)
   data_parser.add_argument("--seconds", type=float, default=10.0)
   data_parser.add_argument("--output", help="also write the results as JSON here")
   args = parser.parse_args(argv)
+  if args.what == "clips":
+    for name in ("num_frames", "size", "stride", "frames_per_clip"):
+      if getattr(args, name) < 1:
+        parser.error(f"--{name} {getattr(args, name)}: expected ≥ 1")
+    try:
+      clips = real_clips(args.videos, num_frames=args.num_frames, size=args.size,
+                         stride=args.stride, frames_per_clip=args.frames_per_clip)
+    except (OSError, video.VideoError) as e:
+      raise SystemExit(f"error: {e}") from None
+    with files.atomic_write(args.output, "wb") as f:
+      np.save(f, clips)
+    print(f"wrote {clips.shape} uint8 clips to {args.output}")
+    return
   if args.what == "model":
     for name in ("batch", "batches", "repeats"):
       if getattr(args, name) < 1:

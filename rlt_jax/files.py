@@ -18,6 +18,23 @@ import tempfile
 from typing import IO, Iterator
 
 
+def _umask() -> int:
+  """The process umask, read without changing it (os.umask would race other threads)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  return 0o022
+
+
+def publish_mode(path: str | os.PathLike, directory: bool = False) -> None:
+  """mkstemp/mkdtemp create private entries; give them the mode a plain open/mkdir would."""
+  os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
   """Opens a temporary file beside `path`; renames it onto `path` when the block succeeds."""
@@ -30,6 +47,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
       yield f
       f.flush()
       os.fsync(f.fileno())
+    publish_mode(tmp)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -42,6 +60,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   """Yields a fresh staging directory beside `path`; it replaces `path` when the block succeeds."""
   path = pathlib.Path(path)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+  publish_mode(staging, directory=True)
   try:
     yield staging
     if path.exists():

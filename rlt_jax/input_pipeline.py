@@ -54,18 +54,8 @@ class Sampling:
 
 
 def list_shards(patterns: str) -> list[epath.Path]:
-  """Shards matching comma-separated globs (local or gs://), sorted; index files excluded."""
-  shards = []
-  for pattern in filter(None, (p.strip() for p in patterns.split(","))):
-    path = epath.Path(pattern)
-    matches = sorted(p for p in path.parent.glob(path.name)
-                     if not p.name.endswith(tfrecord.INDEX_SUFFIX) and not p.name.startswith("."))
-    if not matches:
-      raise FileNotFoundError(f"no TFRecord shards match {pattern!r}")
-    shards += matches
-  if not shards:
-    raise FileNotFoundError(f"no TFRecord shard patterns given ({patterns!r})")
-  return shards
+  """Shards matching comma-separated globs; an incomplete `-of-N` set or build is refused."""
+  return tfrecord.list_shards(patterns)
 
 
 class RecordSource:

@@ -85,6 +85,8 @@ def base(variant: str = "B/16", dataset: str = "k400", *, rlt: bool = False
       final=val,               # shards of the final evaluation (final_views); Kinetics has
                                # no public test set, so the val shards by default
       synthetic_dir="",        # generate the demo dataset here first (configs/demo.py)
+      synthetic_size=64,       # its frames' side, in pixels
+      synthetic_frames=24,     # its videos' length, in frames
       flip=flip,               # random horizontal flips in training (never for SSv2)
       stride=4,                # frames between sampled frames, in source frames
       min_area=0.5,            # random resized crop: smallest area share

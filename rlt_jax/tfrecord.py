@@ -82,6 +82,7 @@ class ShardWriter:
       os.fsync(self._file.fileno())
       self._file.close()
       write_index(self.path, np.asarray(self._offsets, np.int64).reshape(-1, 2))
+      files.publish_mode(self._tmp)
       os.replace(self._tmp, self.path)
     except BaseException:
       self.abort()

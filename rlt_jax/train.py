@@ -93,15 +93,16 @@ def sampling(config: ml_collections.ConfigDict, spec: vit.ModelSpec,
       patch_size=spec.patch_size, policy=policy(config))
 
 
-def check(config: ml_collections.ConfigDict) -> vit.ModelSpec:
-  """Every mistake we can see without compiling: names, sizes, divisibility, files."""
+def check(config: ml_collections.ConfigDict, *, files_too: bool = True) -> vit.ModelSpec:
+  """Every mistake we can see without compiling: names, sizes, divisibility, and (unless
+  `files_too` is False) the data and model files."""
   if config.mode not in ("train", "eval"):
     raise ConfigError(f"config.mode={config.mode!r}: expected 'train' or 'eval'")
-  if config.mode == "eval" and not config.init_from:
+  if config.mode == "eval" and not config.init_from and files_too:
     raise ConfigError("config.mode='eval' needs config.init_from (a converted model directory "
                       "or a training workdir's exported model)")
   try:
-    spec = model_spec(config)
+    spec = model_spec(config if files_too else _without_init(config))
     build_model(config, spec, train=True)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(f"config.model: {e}") from None
@@ -130,8 +131,12 @@ def check(config: ml_collections.ConfigDict) -> vit.ModelSpec:
                       "expected a share in [0, 1]")
   if config.total_steps is not None and config.total_steps < 1:
     raise ConfigError(f"config.total_steps={config.total_steps!r}: expected ≥ 1 or unset")
-  if config.data.synthetic_dir:
-    synthetic.generate(config.data.synthetic_dir, seed=config.data.get("synthetic_seed", 0))
+  if config.data.synthetic_dir and files_too:
+    try:
+      synthetic.generate(config.data.synthetic_dir, size=config.data.synthetic_size,
+                         num_frames=config.data.synthetic_frames)
+    except (FileExistsError, ValueError) as e:
+      raise ConfigError(f"config.data.synthetic_dir: {e}") from None
   devices = jax.device_count()
   for name in ("batch_size", "eval_batch_size"):
     size = config[name]
@@ -147,6 +152,8 @@ def check(config: ml_collections.ConfigDict) -> vit.ModelSpec:
     raise ConfigError(f"config.mesh: {e}") from None
   splits = (["train"] if config.mode == "train" else []) + [
       s for s in ("val", "final") if config.data[s]]
+  if not files_too:
+    return spec
   for split in splits:
     try:
       input_pipeline.list_shards(config.data[split])
@@ -155,6 +162,13 @@ def check(config: ml_collections.ConfigDict) -> vit.ModelSpec:
           f"config.data.{split}: {e}. Build the shards with python data/build_tfrecords.py "
           f"(README, 'Data') or point --config.data.{split} at them") from None
   return spec
+
+
+def _without_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.init_from = None
+  return config
 
 
 # ----------------------------------------------------------------------------- the step

@@ -8,7 +8,9 @@ import pytest
 from rlt_jax import dmvr, input_pipeline, rlt, synthetic, tfrecord, video
 
 SAMPLING = input_pipeline.Sampling(num_frames=4, stride=2, image_size=32, flip=True,
-                                   test_clips=2, test_crops=3, patch_size=8)
+                                   patch_size=8)
+MULTI_VIEW = dataclasses.replace(SAMPLING, views=(2, 3))
+RLT = rlt.Policy("rlt", 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -111,41 +113,106 @@ def test_random_resized_crops_respect_area_and_ratio():
 
 
 def test_eval_views_are_deterministic_complete_and_padded_alike_on_every_process(data):
-  def run(mode, process_index=0, process_count=1):
+  def run(sampling, process_index=0, process_count=1):
     return list(input_pipeline.make_dataset(
-        str(data / "val.tfrecord-*"), mode=mode, sampling=SAMPLING, batch_size=4,
+        str(data / "val.tfrecord-*"), mode="eval", sampling=sampling, batch_size=4,
         process_index=process_index, process_count=process_count))
 
-  test = run("test")
-  again = run("test")
+  test = run(MULTI_VIEW)
+  again = run(MULTI_VIEW)
   for x, y in zip(test, again):
     np.testing.assert_array_equal(x["frames"], y["frames"])
   valid = np.concatenate([b["valid"] for b in test])
   pairs = {(int(i), int(v)) for b in test for i, v, ok in zip(b["index"], b["view"], b["valid"])
            if ok}
   assert valid.sum() == 60 and pairs == {(i, v) for i in range(10) for v in range(6)}
-  assert len(run("val")) == 3 and sum(b["valid"].sum() for b in run("val")) == 10
-  shares = [run("test", p, 3) for p in range(3)]
+  assert len(run(SAMPLING)) == 3 and sum(b["valid"].sum() for b in run(SAMPLING)) == 10
+  shares = [run(MULTI_VIEW, p, 3) for p in range(3)]
   assert len({len(s) for s in shares}) == 1  # the same number of batches everywhere
   assert sum(b["valid"].sum() for s in shares for b in s) == 60
 
 
-def test_test_views_are_the_release_views_of_the_stored_frames(data):
+def test_multi_views_are_the_release_views_of_the_stored_frames(data):
   source = input_pipeline.RecordSource(input_pipeline.list_shards(str(data / "val.tfrecord-*")))
   _, shard, offset, raw = source[3]
   record = dmvr.parse(tfrecord.unframe(shard, offset, raw))
   frames = [video.decode_jpeg(j) for j in record.jpegs]
   expected = video.test_views(frames, clips=2, crops=3, clip_len=4, stride=2, size=32)
-  got = [input_pipeline.eval_clip(record, v, SAMPLING, "test") for v in range(6)]
+  got = [input_pipeline.eval_clip(record, v, MULTI_VIEW) for v in range(6)]
   np.testing.assert_array_equal(np.stack(got), expected)
 
 
 def test_host_kept_counts_follow_the_device_rule(data):
-  sampling = dataclasses.replace(SAMPLING, host_rlt_threshold=0.1)
+  sampling = dataclasses.replace(SAMPLING, policy=RLT)
   (batch,) = take(train(data, sampling=sampling), 1)
-  mask = rlt.keep_mask(rlt.normalize(batch["frames"]), threshold=0.1, tubelet_size=2,
-                       patch_size=8)
-  np.testing.assert_array_equal(batch["kept"], mask.reshape(4, -1).sum(-1))
+  mask = rlt.select(rlt.normalize(batch["frames"]), RLT, tubelet_size=2, patch_size=8)
+  np.testing.assert_array_equal(batch["kept"], np.asarray(mask).sum(-1))
+
+
+# ------------------------------------------------------------------ length-aware order
+
+
+def test_record_costs_are_the_kept_counts_of_each_centre_clip(data, tmp_path):
+  sampling = dataclasses.replace(SAMPLING, policy=RLT)
+  patterns = str(data / "train.tfrecord-*")
+  costs = input_pipeline.record_costs(patterns, sampling, cache_dir=str(tmp_path))
+  source = input_pipeline.open_source(patterns)
+  for i in (0, 5, 17):
+    _, shard, offset, raw = source[i]
+    clip = input_pipeline.eval_clip(dmvr.parse(tfrecord.unframe(shard, offset, raw)), 0,
+                                    sampling)
+    assert costs[i] == rlt.kept_counts(clip[None], RLT, tubelet_size=2, patch_size=8)[0]
+  assert len(list(tmp_path.iterdir())) == 1  # cached
+  np.testing.assert_array_equal(
+      input_pipeline.record_costs(patterns, sampling, cache_dir=str(tmp_path)), costs)
+
+
+def sorted_train(data, costs, **kw):
+  return train(data, costs=costs, sort_window=3, **kw)
+
+
+def test_sorted_windows_give_batches_of_similar_cost_and_still_every_record_once(data):
+  costs = np.arange(24)[::-1] * 10  # record i costs 230 − 10 i
+  batches = take(sorted_train(data, costs, batch_size=4, num_epochs=2), 12)
+  for epoch in (batches[:6], batches[6:]):
+    assert sorted(int(i) for b in epoch for i in b["index"]) == list(range(24))
+  for b in batches:  # within a window of 3 batches, each batch holds 4 consecutive costs
+    spread = costs[b["index"]].max() - costs[b["index"]].min()
+    assert spread <= 10 * (3 * 4 - 1)
+  spreads = [np.ptp(costs[b["index"]]) for b in batches]
+  unsorted = [np.ptp(costs[b["index"]]) for b in take(train(data, num_epochs=2), 12)]
+  assert np.mean(spreads) < np.mean(unsorted)
+  assert [b["index"].tolist() for b in batches[:6]] != [b["index"].tolist() for b in batches[6:]]
+
+
+def test_sorted_global_batches_do_not_depend_on_the_number_of_processes(data):
+  costs = np.random.default_rng(0).integers(0, 100, 24)
+  one = take(sorted_train(data, costs, batch_size=8, num_epochs=None), 4)
+  shares = [take(sorted_train(data, costs, batch_size=2, process_index=p, process_count=4), 4)
+            for p in range(4)]
+  for k in range(4):
+    rows = np.concatenate([shares[p][k]["index"] for p in range(4)])
+    np.testing.assert_array_equal(rows, one[k]["index"])
+
+
+def test_a_restored_sorted_iterator_continues_with_exactly_the_same_batches(data):
+  costs = np.random.default_rng(1).integers(0, 100, 24)
+  iterator = iter(sorted_train(data, costs))
+  for _ in range(4):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(5)]
+  resumed = iter(sorted_train(data, costs))
+  resumed.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["index"], want["index"])
+
+
+def test_prefetch_is_bounded_and_checked(data):
+  with pytest.raises(ValueError, match="prefetch=0"):
+    train(data, prefetch=0)
+  with pytest.raises(ValueError, match="batch_size=0"):
+    train(data, batch_size=0)
 
 
 def test_bad_records_are_counted_or_fatal(tmp_path, caplog):
@@ -156,7 +223,7 @@ def test_bad_records_are_counted_or_fatal(tmp_path, caplog):
     writer.write(dmvr.serialize(dmvr.VideoRecord([good[:100]] * 6, 2)))  # corrupt JPEGs
     writer.write(b"not a protobuf at all")
     writer.write(dmvr.serialize(dmvr.VideoRecord([good] * 6, 3)))
-  kw = {"mode": "val", "sampling": SAMPLING, "batch_size": 4}
+  kw = {"mode": "eval", "sampling": SAMPLING, "batch_size": 4}
   (batch,) = list(input_pipeline.make_dataset(str(shard), **kw))
   assert batch["valid"].tolist() == [True, False, False, True]
   assert batch["error"].tolist() == [False, True, True, False]

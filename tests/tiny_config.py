@@ -3,12 +3,13 @@
 from rlt_jax import recipes
 
 
-def get_config(data_dir: str = "/tmp/rlt_test_data"):
+def get_config(data_dir: str):
   c = recipes.base("tiny", "k400", rlt=True)
   c.model.update(num_classes=8, width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=16,
                  image_size=32, num_frames=4, dtype="float32", attention="xla", drop_path=0.1)
   c.data.update(train=f"{data_dir}/train.tfrecord-*", val=f"{data_dir}/val.tfrecord-*",
-                test="", flip=False, stride=2, workers=0)
+                final="", flip=False, stride=2, workers=0, sort_window=2)
+  c.layout.update(capacity_step=4, stream_buckets=4)
   c.batch_size = 8
   c.eval_batch_size = 8
   c.total_steps = 8

@@ -196,26 +196,29 @@ class Block(nn.Module):
   def __call__(self, x, tokens: layout.TokenBatch | None, deterministic: bool, size=None):
     norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
     attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
-    if tokens is not None:
-      owner = lambda y: jnp.take_along_axis(y, tokens.clip, axis=1)  # slot → its clip's draw
+    if tokens is not None:  # one draw per clip (index 0: padding), whatever the layout
+      draws = (tokens.plan.groups, tokens.plan.clips + 1)
+      owner = lambda y: jnp.take_along_axis(y, tokens.clip, axis=1)
       y, _ = attn(norm("norm1")(x), tokens)
-    else:
-      owner = lambda y: jnp.broadcast_to(y[:, :1], x.shape[:2])  # a row is one clip
+    else:  # a row is one clip
+      draws = (x.shape[0], 1)
+      owner = lambda y: jnp.broadcast_to(y, x.shape[:2])
       y, keys = attn(norm("norm1")(x), bias=tome.attention_bias(size))
-    x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), owner, deterministic)
+    x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), draws, owner,
+                            deterministic)
     if tokens is None and self.merge:
       matching = tome.bipartite_soft_matching(tome.metric_from_keys(keys), size > 0, self.merge)
       x, size = tome.merge(x, size, matching)
     y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
-    x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), owner, deterministic)
+    x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), draws, owner,
+                            deterministic)
     return x if tokens is not None else (x, size)
 
-  def _drop_path(self, y, owner, deterministic):
+  def _drop_path(self, y, draws, owner, deterministic):
     if deterministic or self.drop_path == 0.0:
       return y
     keep = 1.0 - self.drop_path
-    draws = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0], y.shape[1] + 1))
-    scale = owner(draws.astype(y.dtype))
+    scale = owner(jax.random.bernoulli(self.make_rng("dropout"), keep, draws).astype(y.dtype))
     return y * (scale / jnp.asarray(keep, y.dtype))[..., None]
 
 
