@@ -63,13 +63,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   publish_mode(staging, directory=True)
   try:
     yield staging
-    if path.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-      path.rename(old / path.name)
-      staging.rename(path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      staging.rename(path)
+    for attempt in range(3):  # a racing writer may publish between our check and rename
+      try:
+        if path.exists():
+          old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old",
+                                              dir=path.parent))
+          path.rename(old / path.name)
+          staging.rename(path)
+          shutil.rmtree(old, ignore_errors=True)
+        else:
+          staging.rename(path)
+        break
+      except OSError:
+        if attempt == 2:
+          raise
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
