@@ -1,8 +1,8 @@
 """The device mesh, FSDP-style parameter sharding rules, and global batches.
 
-Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism whose members also split
-parameters and optimizer state) and `model` (reserved for tensor parallelism; parameters are
-replicated over it for now). A batch is split over (data, fsdp). A parameter with at least
+Mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose members also split
+parameters and optimizer state); there is no tensor-parallel axis (a ViT-g fits with FSDP). A
+batch is split over (data, fsdp), and each batch shard is one group of the token layout. A parameter with at least
 `min_size` elements is split over `fsdp` along its largest dimension that divides evenly, so
 ViT-H and ViT-g fit; small ones (biases, norms) are replicated. Axes are Auto (GSPMD), which
 flax.linen needs.
@@ -16,15 +16,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "model")
+AXES = ("data", "fsdp")
 BATCH = P(("data", "fsdp"))
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
+def make_mesh(data: int = -1, fsdp: int = 1,
               devices: list[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, model) mesh over all devices; one size may be -1 (whatever is left)."""
+  """A (data, fsdp) mesh over all devices; one size may be -1 (whatever is left)."""
   devices = devices if devices is not None else jax.devices()
-  sizes = [data, fsdp, model]
+  sizes = [data, fsdp]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh {dict(zip(AXES, sizes))}: at most one axis may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -37,7 +37,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
     raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices; "
                      f"there are {len(devices)}")
   return Mesh(np.asarray(devices).reshape(sizes), AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * 3)
+              axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2 ** 16) -> P:
