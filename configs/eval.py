@@ -3,8 +3,9 @@
     python -m rlt_jax.convert --input vit_b_k400_ft.pth --output models/vit_b_k400
     python -m rlt_jax.main --config=configs/eval.py --workdir=/tmp/eval_b \
         --config.init_from=models/vit_b_k400 --config.data.final='/data/k400/val.tfrecord-*'
-    # other token policies:  --config=configs/eval.py:policy=none | policy=random | tome=8
-    #                        (ToMe merges r tokens per block; policy=rlt,tome=8 combines both)
+    # other token policies:  --config=configs/eval.py:policy=none | policy=random
+    #   ToMe alone (r tokens merged per block): --config=configs/eval.py:policy=none,tome=8
+    #   RLT then ToMe:                          --config=configs/eval.py:tome=8
 
 4 clips × 3 crops per video (16 frames at stride 4, short side 224, crops at the start, centre
 and end of the long side), softmax averaged over the 12 views; each clip's logits are those of

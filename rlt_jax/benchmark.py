@@ -369,6 +369,36 @@ def print_table(report: dict) -> None:
           f"{r['rlt_overhead_pct']:6.1f} {mfu:>5s} {r['compilations']:6d}")
 
 
+def layout_ceiling(counts: np.ndarray, spec: vit.ModelSpec, *, batch: int, groups: int = 1,
+                   window: int = 16, population: int = 4096, seed: int = 0) -> list[dict]:
+  """The efficiency ceiling of each layout from the FLOP count alone (no timing).
+
+  Draws `population` clips from these per-clip kept counts (with replacement), cuts them into
+  batches as given or sorted within windows of `window` batches, plans every batch, and
+  compares the FLOPs of the planned shapes with those of every clip's own tokens.
+  """
+  rng = np.random.default_rng(seed)
+  drawn = rng.choice(np.asarray(counts), size=population // batch * batch)
+  ideal = layout_lib.ideal_flops_ratio(drawn, spec.num_tokens, spec.width, spec.mlp_dim)
+  rows = []
+  for kind in ("padded", "stream"):
+    for sort in (False, True):
+      order = drawn.copy()
+      if sort:
+        span = window * batch
+        for i in range(0, len(order), span):
+          order[i:i + span] = np.sort(order[i:i + span])
+      plans = [layout_lib.plan(order[i:i + batch], layout_lib.Layout(kind),
+                               num_tokens=spec.num_tokens, groups=groups)
+               for i in range(0, len(order), batch)]
+      planned = np.mean([layout_lib.plan_flops_ratio(p, spec.width, spec.mlp_dim)
+                         for p in plans])
+      rows.append({"layout": kind, "sorted": sort, "flops_ratio": float(planned),
+                   "speedup_ceiling": 1 / float(planned), "ideal_speedup": 1 / ideal,
+                   "efficiency_ceiling": ideal / float(planned), "shapes": len(set(plans))})
+  return rows
+
+
 def real_clips(paths: list[str], *, num_frames: int = 16, size: int = 224, stride: int = 4,
                frames_per_clip: int = 64) -> np.ndarray:
   """Centre-crop clips of real videos: one per `frames_per_clip` source frames of each video."""
@@ -393,8 +423,8 @@ def main(argv: list[str] | None = None) -> None:
   clip_source = model_parser.add_mutually_exclusive_group()
   clip_source.add_argument("--source", default="synthetic",
                            help="'synthetic' or a TFRecord glob (centre views)")
-  clip_source.add_argument("--frames", help="a .npy of uint8 clips (N, T, H, W, 3), e.g. "
-                           "real video from python -m rlt_jax.tokens --video F --save_clips")
+  clip_source.add_argument("--frames", help="a .npy of uint8 clips (N, T, H, W, 3), e.g. real "
+                           "video cut by python -m rlt_jax.benchmark clips")
   model_parser.add_argument("--threshold", type=float, default=0.1)
   model_parser.add_argument("--batches", type=int, default=4, help="synthetic/TFRecord only")
   model_parser.add_argument("--repeats", type=int, default=3)
@@ -411,6 +441,14 @@ def main(argv: list[str] | None = None) -> None:
   clips_parser.add_argument("--stride", type=int, default=4)
   clips_parser.add_argument("--frames_per_clip", type=int, default=64,
                             help="one clip per this many source frames of each video")
+  ceiling_parser = sub.add_parser("ceiling", help="each layout's efficiency ceiling (FLOPs)")
+  ceiling_parser.add_argument("--frames", required=True, help="a .npy of uint8 clips")
+  ceiling_parser.add_argument("--variant", default="B/16", choices=sorted(vit.VARIANTS))
+  ceiling_parser.add_argument("--batch", type=int, default=32)
+  ceiling_parser.add_argument("--groups", type=int, default=1, help="batch shards (devices)")
+  ceiling_parser.add_argument("--window", type=int, default=16, help="batches sorted together")
+  ceiling_parser.add_argument("--threshold", type=float, default=0.1)
+  ceiling_parser.add_argument("--output", help="also write the results as JSON here")
   data_parser = sub.add_parser("data", help="converter and input pipeline throughput")
   data_parser.add_argument("--videos", type=int, default=8)
   data_parser.add_argument("--seconds", type=float, default=10.0)
@@ -429,7 +467,31 @@ def main(argv: list[str] | None = None) -> None:
       np.save(f, clips)
     print(f"wrote {clips.shape} uint8 clips to {args.output}")
     return
-  if args.what == "model":
+  if args.what == "ceiling":
+    try:
+      spec = vit.ModelSpec.from_variant(args.variant, num_classes=400)
+      frames = load_frames(args.frames, dataclasses.replace(
+          spec, num_frames=np.load(args.frames, mmap_mode="r").shape[1]))
+      spec = dataclasses.replace(spec, num_frames=frames.shape[1])
+      counts = rlt.kept_counts(frames, rlt.Policy("rlt", args.threshold),
+                               tubelet_size=spec.tubelet_size, patch_size=spec.patch_size)
+      result = {"variant": args.variant, "batch": args.batch, "groups": args.groups,
+                "window": args.window, "clips": len(counts),
+                "kept_fraction": float(counts.mean() / spec.num_tokens),
+                "rows": layout_ceiling(counts, spec, batch=args.batch, groups=args.groups,
+                                       window=args.window)}
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+    print(f"{args.variant}, batch {args.batch} in {args.groups} group(s), {len(counts)} clips "
+          f"keeping {result['kept_fraction']:.1%} of {spec.num_tokens} tokens (τ "
+          f"{args.threshold}); ideal speedup {result['rows'][0]['ideal_speedup']:.2f}")
+    print(f"{'layout':8s} {'order':18s} {'speedup ceiling':>15s} {'efficiency':>10s} "
+          f"{'shapes':>6s}")
+    for r in result["rows"]:
+      order = f"sorted (window {args.window})" if r["sorted"] else "as drawn"
+      print(f"{r['layout']:8s} {order:18s} {r['speedup_ceiling']:15.2f} "
+            f"{r['efficiency_ceiling']:10.2f} {r['shapes']:6d}")
+  elif args.what == "model":
     for name in ("batch", "batches", "repeats"):
       if getattr(args, name) < 1:
         parser.error(f"--{name} {getattr(args, name)}: expected ≥ 1")
@@ -442,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None
     print_table(result)
-  else:
+  elif args.what == "data":
     result = data(args.videos, args.seconds)
     for key, value in result.items():
       print(f"{key:32s} {value:.2f}" if isinstance(value, float) else f"{key:32s} {value}")

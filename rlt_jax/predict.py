@@ -1,8 +1,8 @@
 """Runs a model on clips or on a video, in float32 with the highest matmul precision.
 
-    python -m rlt_jax.predict --checkpoint DIR|FILE.pth --frames clips.npy \
+    python -m rlt_jax.predict --checkpoint DIR|FILE.pth --frames clips.npy
         [--policy none|rlt|random] [--threshold 0.1] [--output logits.npy]
-    python -m rlt_jax.predict --checkpoint DIR|FILE.pth --video FILE.mp4 \
+    python -m rlt_jax.predict --checkpoint DIR|FILE.pth --video FILE.mp4
         [--labels classes.txt] [--views 4x3] [--policy rlt] [--tome R]
 
 `clips.npy` holds uint8 RGB clips (B, T, H, W, 3), normalised here exactly as in training.

@@ -1,17 +1,13 @@
-"""Run-Length Tokenization: which tokens of a clip to keep, and how to batch them.
+"""Run-Length Tokenization: *which* tokens of a clip to keep (the policy).
 
-The rule is the official release's, token for token (see shared/specs/rlt.md): tubelet j at
-patch (y, x) is kept when the mean absolute difference between frame (j+1)·ts−1 and frame
-(j−1)·ts over that patch exceeds τ (strictly); the first tubelet is always kept.
+The rule is the official release's, token for token (docs/rlt.md): tubelet j at patch (y, x)
+is kept when the mean absolute difference between frame (j+1)·ts−1 and frame (j−1)·ts over
+that patch exceeds τ (strictly); the first tubelet is always kept. Policies: 'none' (every
+token), 'rlt' (that rule), 'random' (round(N·p) uniformly random tokens per clip, the paper's
+baseline). *How* the kept tokens are laid out in static shapes is `layout.py`'s job.
 
-Kept counts vary per clip, but XLA wants static shapes, so kept tokens are compacted into
-rows of a fixed length with segment ids: one clip per row padded to a capacity, or several
-clips packed per row. Either way a clip's logits equal those of the model run on its kept
-tokens alone; padding is never attended to and never pooled.
-
-`keep_mask`, `change_scores`, `run_lengths`, `capacity_buckets`, `choose_capacity` and
-`pack_rows_needed` accept numpy arrays (host side, e.g. in the input pipeline) as well as jax
-arrays (inside jit); `select_tokens` and `compact` run inside jit.
+`normalize`, `keep_mask`, `change_scores` and `run_lengths` accept numpy arrays (host side, e.g.
+the input pipeline's sorting counts) as well as jax arrays (inside jit); `select` runs in jit.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The training loop: data → (device) normalise, augment, RLT, ViT → loss → AdamW, on a mesh.
 
 Read top to bottom: check the config, build mesh, model, data and optimizer, restore the latest
-checkpoint if the workdir has one, then step. The host only waits on the device at logging,
-checkpoint and evaluation intervals. A resumed run (after SIGTERM, SIGKILL or a crash) restores
+checkpoint if the workdir has one, then step. Each step runs in two phases (`TrainStep`): the
+device computes every clip's exact kept count, the host plans the static token layout from
+them (the one per-step wait on the device: a few integers), and the compiled update for that
+plan runs. Other waits come at logging, checkpoint and evaluation intervals. A resumed run (after SIGTERM, SIGKILL or a crash) restores
 parameters, optimizer state, step, RNG and the data iterator, and continues with exactly the
 batches and losses of an uninterrupted run.
 """
@@ -158,9 +160,10 @@ def check(config: ml_collections.ConfigDict, *, files_too: bool = True) -> vit.M
     try:
       input_pipeline.list_shards(config.data[split])
     except (FileNotFoundError, ValueError) as e:
-      raise ConfigError(
-          f"config.data.{split}: {e}. Build the shards with python data/build_tfrecords.py "
-          f"(README, 'Data') or point --config.data.{split} at them") from None
+      advice = ("" if "build_tfrecords" in str(e) else ". Build the shards with python "
+                "data/build_tfrecords.py (README, 'Data')")
+      raise ConfigError(f"config.data.{split}: {e}{advice}, or point --config.data.{split} at "
+                        "them") from None
   return spec
 
 

@@ -2,7 +2,7 @@
 
 The fake devices share the machine's cores; on a busy machine one device thread can miss XLA's
 default 40 s collective rendezvous and abort the whole process, so the timeout is raised here and
-long multi-device runs happen in subprocesses (`tests/subprocess_run.py`).
+long multi-device runs (training, two processes, the demo) happen in subprocesses.
 """
 
 import hashlib
