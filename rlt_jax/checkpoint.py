@@ -13,7 +13,6 @@ import os
 import pathlib
 import secrets
 import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -59,14 +58,7 @@ def save_model(directory: str | os.PathLike, params: Any, spec: vit.ModelSpec | 
     if main:
       with files.atomic_write(staging / MODEL_JSON) as f:
         f.write(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
-      if target.exists():
-        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old",
-                                            dir=target.parent))
-        target.rename(old / target.name)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-      else:
-        staging.rename(target)
+      files.publish_directory(staging, target)
   except BaseException:
     if main:
       shutil.rmtree(staging, ignore_errors=True)

@@ -63,23 +63,29 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   publish_mode(staging, directory=True)
   try:
     yield staging
-    for attempt in range(3):  # a racing writer may publish between our check and rename
-      try:
-        if path.exists():
-          old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old",
-                                              dir=path.parent))
-          path.rename(old / path.name)
-          staging.rename(path)
-          shutil.rmtree(old, ignore_errors=True)
-        else:
-          staging.rename(path)
-        break
-      except OSError:
-        if attempt == 2:
-          raise
+    publish_directory(staging, path)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+def publish_directory(staging: pathlib.Path, path: pathlib.Path) -> None:
+  """Renames a complete `staging` directory onto `path`, replacing what is there; an old
+  `path` is moved aside first and deleted after, so `path` is never half-written."""
+  for attempt in range(3):  # a racing writer may publish between our check and rename
+    try:
+      if path.exists():
+        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old",
+                                            dir=path.parent))
+        path.rename(old / path.name)
+        staging.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        staging.rename(path)
+      return
+    except OSError:
+      if attempt == 2:
+        raise
 
 
 class WorkdirLocked(RuntimeError):

@@ -73,16 +73,6 @@ class Predictor:
     return logits, kept
 
 
-def parse_views(text: str) -> tuple[int, int]:
-  try:
-    clips, crops = (int(v) for v in text.lower().split("x"))
-  except ValueError:
-    raise ValueError(f"--views {text!r}: expected CLIPSxCROPS such as 4x3") from None
-  if clips < 1 or crops < 1:
-    raise ValueError(f"--views {text!r}: clips and crops must each be at least 1")
-  return clips, crops
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m rlt_jax.predict", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tome < 0:
       raise ValueError(f"--tome {args.tome}: expected ≥ 0")
     token_policy = rlt.Policy(args.policy, args.threshold, args.keep_fraction)
-    views = parse_views(args.views)
+    views = video.parse_views(args.views)
     for path in (args.checkpoint, args.frames or args.video, args.labels):
       if path and not os.path.exists(path):
         raise ValueError(f"{path}: no such file or directory")

@@ -29,7 +29,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlt_jax import (augment, checkpoint, console, evaluate, files, forward, input_pipeline,
-                     layout, optim, rlt, sharding, synthetic)
+                     layout, optim, rlt, sharding, synthetic, video)
 from rlt_jax.models import tome, vit
 
 
@@ -77,12 +77,9 @@ def build_model(config: ml_collections.ConfigDict, spec: vit.ModelSpec, *,
 
 def parse_views(text: str, key: str) -> tuple[int, int]:
   try:
-    clips, crops = (int(v) for v in text.lower().split("x"))
-  except ValueError:
-    raise ConfigError(f"{key}={text!r}: expected CLIPSxCROPS such as 4x3") from None
-  if clips < 1 or crops < 1:
-    raise ConfigError(f"{key}={text!r}: clips and crops must be at least 1")
-  return clips, crops
+    return video.parse_views(text, key)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def sampling(config: ml_collections.ConfigDict, spec: vit.ModelSpec,

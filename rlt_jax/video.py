@@ -227,3 +227,14 @@ def read_test_views(path: str, *, clips: int | Callable[[int], int], crops: int,
                     clip_len=clip_len, stride=stride, size=size)
     num_frames = seen
   raise VideoError(f"{path}: decoding gave a different number of frames each time")
+
+
+def parse_views(text: str, name: str = "--views") -> tuple[int, int]:
+  """'4x3' → (4 clips, 3 crops); anything else is a ValueError naming `name`."""
+  try:
+    clips, crops = (int(v) for v in str(text).lower().split("x"))
+  except ValueError:
+    raise ValueError(f"{name}={text!r}: expected CLIPSxCROPS such as 4x3") from None
+  if clips < 1 or crops < 1:
+    raise ValueError(f"{name}={text!r}: clips and crops must each be at least 1")
+  return clips, crops
