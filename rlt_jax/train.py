@@ -82,14 +82,15 @@ def parse_views(text: str, key: str) -> tuple[int, int]:
     raise ConfigError(str(e)) from None
 
 
-def sampling(config: ml_collections.ConfigDict, spec: vit.ModelSpec,
-             views: str = "1x1") -> input_pipeline.Sampling:
+def sampling(config: ml_collections.ConfigDict, spec: vit.ModelSpec, views: str = "1x1", *,
+             counts: bool = True) -> input_pipeline.Sampling:
+  """How clips are cut; with `counts`, examples also carry their host kept count ("kept")."""
   d = config.data
   return input_pipeline.Sampling(
       num_frames=spec.num_frames, stride=d.stride, source_fps=d.source_fps,
       image_size=spec.image_size, flip=d.flip, min_area=d.min_area,
       views=parse_views(views, "config.data views"), tubelet_size=spec.tubelet_size,
-      patch_size=spec.patch_size, policy=policy(config))
+      patch_size=spec.patch_size, policy=policy(config) if counts else None)
 
 
 def check(config: ml_collections.ConfigDict, *, files_too: bool = True) -> vit.ModelSpec:
@@ -350,7 +351,7 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
         process_index=jax.process_index(), process_count=jax.process_count(),
         workers=config.data.workers)
   dataset = input_pipeline.make_dataset(
-      config.data.train, mode="train", sampling=sampling(config, spec),
+      config.data.train, mode="train", sampling=sampling(config, spec, counts=False),
       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       workers=config.data.workers, strict=config.data.strict, prefetch=config.data.prefetch,
