@@ -1,73 +1,168 @@
-"""models/attention.py: one attention function, padding or segment ids, several backends."""
+"""models/attention.py: one attention function over rows of one clip each, valid tokens first.
+
+Every implementation gives each real query softmax attention over its row's real keys only;
+padding queries and empty rows stay finite (their outputs are discarded).
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlt_jax import sharding
+from rlt_jax.models import attention
 from rlt_jax.models.attention import dot_product_attention
 
+# Splash runs in Pallas interpret mode off TPU: slow, so rows stay tiny.
+LENGTHS = (50, 128, 0, 1, 127, 77, 128, 3)  # a full row, an empty one, a single token …
 
-def inputs(batch=2, length=128, heads=2, head_dim=16, seed=0):
+
+def inputs(lengths=LENGTHS[:4], length=128, heads=2, head_dim=8, seed=0, dtype=jnp.float32):
   keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-  q, k, v = (jax.random.normal(key, (batch, length, heads, head_dim)) for key in keys)
-  segments = np.zeros((batch, length), np.int32)
-  segments[0, :50], segments[0, 50:90] = 1, 2  # two clips packed, then padding
-  segments[1, :128] = 3  # one full clip
-  return q, k, v, jnp.asarray(segments)
+  q, k, v = (jax.random.normal(key, (len(lengths), length, heads, head_dim), dtype)
+             for key in keys)
+  return q, k, v, jnp.asarray(lengths, jnp.int32)
 
 
-def reference(q, k, v, segments):
-  """Each segment on its own, with plain softmax attention."""
+def reference(q, k, v, lengths):
+  """Each row's real tokens on their own, plain softmax attention in float64."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   out = np.zeros(q.shape, np.float64)
-  q, k, v, segments = (np.asarray(a, np.float64) for a in (q, k, v, segments))
-  for b in range(q.shape[0]):
-    for s in np.unique(segments[b]):
-      idx = np.nonzero(segments[b] == s)[0]
-      logits = np.einsum("qhd,khd->hqk", q[b, idx], k[b, idx]) / np.sqrt(q.shape[-1])
-      p = np.exp(logits - logits.max(-1, keepdims=True))
-      p /= p.sum(-1, keepdims=True)
-      out[b, idx] = np.einsum("hqk,khd->qhd", p, v[b, idx])
+  for r, n in enumerate(np.asarray(lengths)):
+    if n == 0:
+      continue
+    logits = np.einsum("qhd,khd->hqk", q[r, :n], k[r, :n]) / np.sqrt(q.shape[-1])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out[r, :n] = np.einsum("hqk,khd->qhd", p, v[r, :n])
   return out
 
 
-def test_xla_attends_within_segments_only():
-  q, k, v, segments = inputs()
-  np.testing.assert_allclose(dot_product_attention(q, k, v, segments), reference(q, k, v, segments),
-                             atol=1e-5)
+def real(lengths, length=128):
+  """(R, C) True at real query positions."""
+  return np.arange(length) < np.asarray(lengths)[:, None]
 
 
-def test_splash_with_segment_ids_matches_xla_in_interpret_mode():
-  q, k, v, segments = inputs()
-  want = dot_product_attention(q, k, v, segments, implementation="xla")
-  got = dot_product_attention(q, k, v, segments, implementation="splash")
-  np.testing.assert_allclose(got, want, atol=1e-5)
+def assert_equal_on_real_queries(got, want, lengths, atol):
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all()  # padding queries and empty rows included
+  np.testing.assert_allclose(got[real(lengths)], np.asarray(want, np.float32)[real(lengths)],
+                             atol=atol, rtol=0)
 
 
-def test_splash_rejects_lengths_it_cannot_tile():
-  q, k, v, segments = inputs(length=96)
-  with pytest.raises(ValueError, match="multiple of 128"):
-    dot_product_attention(q, k, v, segments[:, :96], implementation="splash")
+def test_xla_attends_to_each_rows_real_tokens_only():
+  q, k, v, lengths = inputs()
+  assert_equal_on_real_queries(dot_product_attention(q, k, v, lengths),
+                               reference(q, k, v, lengths), lengths, atol=1e-5)
+
+
+def test_keys_in_padding_change_nothing():
+  q, k, v, lengths = inputs()
+  pad = ~real(lengths)[..., None, None]
+  noisy = [jnp.where(pad, 1e3, x) for x in (k, v)]
+  assert_equal_on_real_queries(dot_product_attention(q, *noisy, lengths),
+                               dot_product_attention(q, k, v, lengths), lengths, atol=0)
+
+
+def test_bias_of_zero_and_large_negative_is_the_length_mask():
+  q, k, v, lengths = inputs(lengths=(50, 128, 1, 127))
+  for large in (-1e9, jnp.finfo(jnp.float32).min / 2):
+    bias = jnp.where(jnp.asarray(real(lengths)), 0.0, large)
+    assert_equal_on_real_queries(dot_product_attention(q, k, v, None, bias=bias),
+                                 dot_product_attention(q, k, v, lengths), lengths, atol=1e-6)
+
+
+def test_bias_is_added_to_each_keys_logit():
+  """A bias of log 2 on a key weighs it as two copies of itself (ToMe's proportional
+  attention): the same as attending over a row where that key appears twice."""
+  q, k, v, _ = inputs(lengths=(6,), length=8)
+  bias = jnp.asarray([[np.log(2.0), 0, 0, 0, 0, 0, -1e9, -1e9]])
+  twice = lambda x: jnp.concatenate([x[:, :1], x[:, :6]], axis=1)
+  want = dot_product_attention(twice(q), twice(k), twice(v), jnp.asarray([7]))[:, 1:]
+  got = dot_product_attention(q, k, v, None, bias=bias)[:, :6]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.fixture
+def fresh_splash_kernels():
+  """Each splash test builds its kernel itself (its reuse is tested on its own, below)."""
+  cached = getattr(attention, "_splash_kernel", None)
+  if hasattr(cached, "cache_clear"):
+    cached.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_splash_kernels")
+def test_splash_matches_xla_in_interpret_mode():
+  q, k, v, lengths = inputs()
+  want = dot_product_attention(q, k, v, lengths, attention="xla")
+  got = jax.jit(lambda *a: dot_product_attention(*a, attention="splash"))(q, k, v, lengths)
+  assert_equal_on_real_queries(got, want, lengths, atol=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_splash_kernels")
+def test_splash_under_a_mesh_runs_per_device_and_matches_xla():
+  mesh = sharding.make_mesh()
+  q, k, v, lengths = inputs(lengths=LENGTHS)  # one row per device
+  want = dot_product_attention(q, k, v, lengths, attention="xla")
+  splash = jax.jit(lambda *a: dot_product_attention(*a, attention="splash"))
+  with jax.set_mesh(mesh):
+    rows = jax.sharding.NamedSharding(mesh, sharding.BATCH)
+    args = [jax.device_put(x, rows) for x in (q, k, v, lengths)]
+    assert "shard_map" in str(jax.make_jaxpr(splash)(*args))
+    got = splash(*args)
+  assert len(got.sharding.device_set) == 8
+  assert_equal_on_real_queries(got, want, lengths, atol=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_splash_kernels")
+def test_splash_compiles_again_for_a_new_function_of_the_same_shape():
+  """A second compilation (a new plan of the same capacity, the backward pass, eval after
+  train) must not reuse values from the first one's trace."""
+  q, k, v, lengths = inputs(lengths=(50, 128))
+  want = dot_product_attention(q, k, v, lengths, attention="xla")
+  first = jax.jit(lambda *a: dot_product_attention(*a, attention="splash"))(q, k, v, lengths)
+  second = jax.jit(lambda *a: 2 * dot_product_attention(*a, attention="splash"))(q, k, v,
+                                                                                  lengths)
+  assert_equal_on_real_queries(first, want, lengths, atol=1e-5)
+  assert_equal_on_real_queries(second, 2 * want, lengths, atol=2e-5)
+
+
+def test_splash_rejects_rows_it_cannot_tile():
+  q, k, v, lengths = inputs(length=96, lengths=(50, 96))
+  with pytest.raises(ValueError, match="multiple of 128.*layout.capacity_step"):
+    dot_product_attention(q, k, v, lengths, attention="splash")
 
 
 def test_auto_is_xla_on_cpu_and_unknown_names_fail():
-  q, k, v, segments = inputs()
-  np.testing.assert_array_equal(dot_product_attention(q, k, v, segments, implementation="auto"),
-                                dot_product_attention(q, k, v, segments))
+  q, k, v, lengths = inputs()
+  assert attention.resolve("auto", jnp.bfloat16, 128) == "xla"
+  np.testing.assert_array_equal(dot_product_attention(q, k, v, lengths, attention="auto"),
+                                dot_product_attention(q, k, v, lengths))
   with pytest.raises(ValueError, match="model.attention='flash'"):
-    dot_product_attention(q, k, v, segments, implementation="flash")
+    dot_product_attention(q, k, v, lengths, attention="flash")
+
+
+def test_gradients_reach_no_padding_key():
+  q, k, v, lengths = inputs()
+  loss = lambda k, v: jnp.sum(jnp.where(real(lengths)[..., None, None],
+                                        dot_product_attention(q, k, v, lengths), 0) ** 2)
+  g_k, g_v = jax.grad(loss, argnums=(0, 1))(k, v)
+  pad = ~real(lengths)
+  for g in (g_k, g_v):
+    g = np.asarray(g)
+    assert np.isfinite(g).all() and not g[pad].any() and g[~pad].any()
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
-@pytest.mark.parametrize("padded", [True, False])
-def test_cudnn_matches_xla_in_bfloat16(padded):
-  q, k, v, segments = inputs()
-  if padded:
-    segments = jnp.where(jnp.arange(128) < jnp.array([[70], [128]]), 1, 0)
-  lengths = (segments > 0).sum(-1).astype(jnp.int32) if padded else None
-  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-  want = dot_product_attention(q, k, v, segments)
-  got = dot_product_attention(q, k, v, segments, valid_lengths=lengths, implementation="cudnn")
-  real = np.asarray(segments > 0)
-  np.testing.assert_allclose(np.asarray(got, np.float32)[real],
-                             np.asarray(want, np.float32)[real], atol=2e-2)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cudnn_matches_xla_in_16_bits(dtype):
+  q, k, v, lengths = inputs(lengths=(70, 128, 0, 1), head_dim=64, dtype=dtype)
+  want = dot_product_attention(q, k, v, lengths, attention="xla")
+  got = dot_product_attention(q, k, v, lengths, attention="cudnn")
+  assert_equal_on_real_queries(got, want, lengths, atol=2e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_auto_is_cudnn_on_gpu_for_16_bit_inputs():
+  assert attention.resolve("auto", jnp.bfloat16, 100) == "cudnn"
+  assert attention.resolve("auto", jnp.float32, 128) == "xla"

@@ -1,4 +1,4 @@
-"""rlt.py: the keep rule, run lengths, policies, and static-shape compaction."""
+"""rlt.py: the keep rule, run lengths, and the token policies (which tokens a clip keeps)."""
 
 import numpy as np
 import jax
@@ -119,14 +119,8 @@ class TestRunLengths:
     assert lengths[flat].tolist()[:4] == [8, 1, 1, 1]
 
 
-def selection_for(frames, policy="rlt", **kw):
-  config = rlt.TokenizerConfig(policy=policy, **kw)
-  return rlt.select_tokens(jnp.asarray(frames), config, tubelet_size=2, patch_size=16,
-                           rng=jax.random.PRNGKey(0)), config
-
-
 def moving_clips(batch=4, t=8, size=64, seed=0):
-  """Static textures with a moving square whose size differs per clip."""
+  """Normalised-scale float clips: static textures with a moving square of per-clip size."""
   rng = np.random.RandomState(seed)
   frames = np.repeat(rng.normal(size=(batch, 1, size, size, 3)), t, axis=1).astype(np.float32)
   for b in range(batch):
@@ -136,107 +130,94 @@ def moving_clips(batch=4, t=8, size=64, seed=0):
   return frames
 
 
-class TestPolicies:
+def select(frames, policy, **kw):
+  return np.asarray(rlt.select(jnp.asarray(frames), policy, tubelet_size=2, patch_size=16,
+                               **kw))
+
+
+class TestSelect:
+
+  def test_rlt_is_the_keep_mask_in_t_y_x_order(self):
+    frames = moving_clips()
+    mask = select(frames, rlt.Policy("rlt", threshold=0.1))
+    assert mask.shape == (4, 4 * 4 * 4)
+    want = rlt.keep_mask(frames, threshold=0.1).reshape(4, -1)
+    np.testing.assert_array_equal(mask, want)
+    assert 16 < want.sum(-1).min() and want.sum(-1).max() < 64  # RLT really drops tokens
+
+  def test_reproduces_the_release_mask_through_select(self, fixtures_dir):
+    data = np.load(fixtures_dir / "videomae2_tiny_expected.npz")
+    mask = select(rlt.normalize(data["frames"]), rlt.Policy("rlt", threshold=0.1))
+    np.testing.assert_array_equal(mask, data["mask"])
+
+  def test_none_keeps_everything(self):
+    assert select(moving_clips(), rlt.Policy("none")).all()
 
   def test_random_keeps_round_n_p_per_clip(self):
-    sel, _ = selection_for(moving_clips(), policy="random", keep_fraction=0.3)
+    mask = select(moving_clips(), rlt.Policy("random", keep_fraction=0.3),
+                  rng=jax.random.PRNGKey(0))
     n = 4 * 4 * 4
     assert rlt.random_keep_count(n, 0.3) == 19  # 19.2 → 19
     assert rlt.random_keep_count(5, 0.5) == 3  # halves round up
-    assert np.asarray(sel.mask.sum(-1)).tolist() == [19] * 4
-    assert len({tuple(np.nonzero(m)[0]) for m in np.asarray(sel.mask)}) == 4
+    assert rlt.random_keep_count(3, 0.1) == 1  # never nothing
+    assert mask.sum(-1).tolist() == [19] * 4
+    assert len({tuple(np.nonzero(m)[0]) for m in mask}) == 4  # a subset per clip
+    again = select(moving_clips(), rlt.Policy("random", keep_fraction=0.3),
+                   rng=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(mask, again)
 
-  def test_none_keeps_everything(self):
-    sel, _ = selection_for(moving_clips(), policy="none")
-    assert bool(sel.mask.all())
+  def test_random_needs_an_rng(self):
+    with pytest.raises(ValueError, match="needs an rng"):
+      select(moving_clips(), rlt.Policy("random"))
 
-  def test_config_errors_name_the_field(self):
-    with pytest.raises(ValueError, match="tokenizer.policy='tome'"):
-      rlt.TokenizerConfig(policy="tome")
-    with pytest.raises(ValueError, match="tokenizer.overflow"):
-      rlt.TokenizerConfig(overflow="ignore")
-    with pytest.raises(ValueError, match="num_rows"):
-      rlt.TokenizerConfig(packing=True)
-    with pytest.raises(ValueError, match="keep_fraction"):
-      rlt.TokenizerConfig(policy="random", keep_fraction=0.0)
-
-
-class TestCompaction:
-
-  def test_padded_rows_hold_kept_tokens_in_order_then_padding(self):
-    sel, config = selection_for(moving_clips(), capacity=48)
-    batch = rlt.compact(sel, config)
-    mask = np.asarray(sel.mask)
+  @pytest.mark.parametrize("kind", ["none", "rlt"])
+  def test_max_tokens_keeps_the_most_changed_of_the_kept(self, kind):
+    frames = moving_clips()
+    cap = 24
+    mask = select(frames, rlt.Policy(kind, max_tokens=cap))
+    uncapped = select(frames, rlt.Policy(kind))
+    scores = rlt.change_scores(frames).reshape(4, -1)
+    np.testing.assert_array_equal(mask.sum(-1), np.minimum(uncapped.sum(-1), cap))
+    assert (mask <= uncapped).all()  # only ever drops
     for b in range(4):
-      kept = np.nonzero(mask[b])[0]
-      k = len(kept)
-      assert k <= 48
-      assert np.asarray(batch.positions[b, :k]).tolist() == kept.tolist()
-      assert (np.asarray(batch.segment_ids[b, :k]) == b + 1).all()
-      assert (np.asarray(batch.segment_ids[b, k:]) == 0).all()
-      assert (np.asarray(batch.patches[b, k:]) == 0).all()
-      np.testing.assert_array_equal(batch.patches[b, :k], np.asarray(sel.patches)[b, kept])
-      np.testing.assert_array_equal(batch.lengths[b, :k], np.asarray(sel.lengths)[b, kept])
-    assert int(batch.num_overflow) == 0
+      dropped = uncapped[b] & ~mask[b]
+      if dropped.any():
+        assert scores[b, dropped].max() <= scores[b, mask[b]].min()
+    assert (uncapped.sum(-1) > cap).any()  # the cap did act
 
-  def test_packing_places_clips_greedily_and_agrees_with_the_host(self):
-    sel, _ = selection_for(moving_clips())
-    counts = np.asarray(sel.mask.sum(-1))
-    rows = rlt.pack_rows_needed(counts, 64)
-    config = rlt.TokenizerConfig(policy="rlt", packing=True, row_length=64, num_rows=rows)
-    batch = rlt.compact(sel, config)
-    assert int(batch.num_overflow) == 0
-    seg = np.asarray(batch.segment_ids)
-    assert (np.bincount(seg.ravel(), minlength=5)[1:] == counts).all()
-    assert rows < 4  # packing saves rows over one row per clip
-    for b in range(4):  # each clip's tokens sit contiguously in one row, in order
-      r, c = np.nonzero(seg == b + 1)
-      assert len(set(r)) == 1 and (np.diff(c) == 1).all()
-      assert np.asarray(batch.positions)[r, c].tolist() == np.nonzero(sel.mask[b])[0].tolist()
+  @pytest.mark.parametrize("policy", [rlt.Policy("none"), rlt.Policy("rlt"),
+                                      rlt.Policy("random"), rlt.Policy("rlt", max_tokens=20)])
+  def test_invalid_clips_keep_no_token(self, policy):
+    valid = jnp.asarray([True, False, True, False])
+    mask = select(moving_clips(), policy, rng=jax.random.PRNGKey(0), valid=valid)
+    assert not mask[1].any() and not mask[3].any()
+    np.testing.assert_array_equal(
+        mask[[0, 2]], select(moving_clips(), policy, rng=jax.random.PRNGKey(0))[[0, 2]])
 
-  def test_overflow_is_counted_and_raised_outside_jit(self):
-    sel, config = selection_for(moving_clips(), capacity=20)
-    batch = jax.jit(rlt.compact, static_argnums=1)(sel, config)
-    counts = np.asarray(sel.mask.sum(-1))
-    assert int(batch.num_overflow) == int((counts > 20).sum()) > 0
-    assert np.asarray(batch.placed).tolist() == np.minimum(counts, 20).tolist()
-    with pytest.raises(OverflowError, match=r"clip\(s\) kept more tokens than fit"):
-      rlt.raise_on_overflow(batch.num_overflow, config)
-
-  def test_packing_overflow_is_counted(self):
-    sel, _ = selection_for(moving_clips())
-    config = rlt.TokenizerConfig(policy="rlt", packing=True, row_length=64, num_rows=1)
-    batch = rlt.compact(sel, config)
-    assert int(batch.num_overflow) >= 1
-    assert int(batch.placed.sum()) <= 64
-
-  def test_drop_least_changed_keeps_the_most_changed_tokens(self):
-    sel, config = selection_for(moving_clips(), capacity=20, overflow="drop_least_changed")
-    batch = rlt.compact(sel, config)
-    scores, mask = np.asarray(sel.scores), np.asarray(sel.mask)
+  @pytest.mark.parametrize("policy", [rlt.Policy("none"), rlt.Policy("rlt"),
+                                      rlt.Policy("random", keep_fraction=0.4),
+                                      rlt.Policy("rlt", max_tokens=20),
+                                      rlt.Policy("none", max_tokens=20)])
+  def test_host_counts_equal_the_device_masks(self, policy):
+    rng = np.random.RandomState(0)
+    frames = np.repeat(rng.randint(0, 256, (4, 1, 64, 64, 3)), 8, axis=1).astype(np.uint8)
     for b in range(4):
-      kept = np.asarray(batch.positions[b, :int(batch.placed[b])])
-      assert (np.diff(kept) > 0).all()  # still in token order
-      if mask[b].sum() > 20:
-        dropped = np.setdiff1d(np.nonzero(mask[b])[0], kept)
-        assert scores[b, dropped].max() <= scores[b, kept].min()
-    assert int(batch.num_overflow) > 0  # still reported
+      for i in range(8):
+        frames[b, i, 4 * i:4 * i + 8 + 8 * b, 4 * i:4 * i + 8 + 8 * b] = 255
+    counts = rlt.kept_counts(frames, policy, tubelet_size=2, patch_size=16)
+    assert counts.dtype == np.int32
+    device = select(rlt.normalize(frames), policy, rng=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(counts, device.sum(-1))
 
-
-class TestBuckets:
-
-  def test_buckets_are_multiples_of_128_then_n(self):
-    assert rlt.capacity_buckets(1568) == (128, 256, 384, 512, 640, 768, 896, 1024, 1152,
-                                          1280, 1408, 1536, 1568)
-
-  def test_choose_capacity_picks_the_smallest_that_fits(self):
-    buckets = rlt.capacity_buckets(1568)
-    assert rlt.choose_capacity([100, 700, 640], buckets) == 768
-    assert rlt.choose_capacity(np.array([1568]), buckets) == 1568
-    with pytest.raises(ValueError, match="largest bucket"):
-      rlt.choose_capacity([2000], buckets)
-
-  def test_pack_rows_needed(self):
-    assert rlt.pack_rows_needed([60, 10, 50, 20], 64) == 3  # [60] [10, 50] [20]
-    assert rlt.pack_rows_needed([64, 64], 64) == 2
-    assert rlt.pack_rows_needed([], 64) == 0
+  @pytest.mark.parametrize("fields,match", [
+      (dict(kind="tome"), "rlt.policy='tome'"),
+      (dict(threshold=float("nan")), "rlt.threshold=nan"),
+      (dict(threshold=-0.1), "rlt.threshold=-0.1"),
+      (dict(kind="random", keep_fraction=0.0), "keep_fraction"),
+      (dict(kind="random", keep_fraction=1.5), "keep_fraction"),
+      (dict(max_tokens=0), "rlt.max_tokens=0"),
+      (dict(max_tokens=2.5), "rlt.max_tokens=2.5"),
+  ])
+  def test_policy_errors_name_the_field(self, fields, match):
+    with pytest.raises(ValueError, match=match):
+      rlt.Policy(**fields)

@@ -1,83 +1,42 @@
-"""models/vit.py: VideoMAE-2 math, and the central RLT invariant.
+"""models/vit.py: VideoMAE-2 math over a TokenBatch, the ModelSpec, and run-time options.
 
-The invariant: whatever the policy and the batching (padded to a capacity, or packed with
-segment ids), each clip's logits equal those of the model run on that clip's kept tokens
-alone, with no padding at all.
+The math is checked against an independent float64 NumPy forward and against the upstream
+PyTorch logits of a converted checkpoint (tests/fixtures); run-time options (remat, ToMe with
+nothing to merge, the layout) must not change the logits.
 """
 
-import functools
+import dataclasses
+import json
 from math import erf
 
-import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlt_jax import rlt
-from rlt_jax.models import vit
+from rlt_jax import checkpoint, convert, forward, layout, rlt
+from rlt_jax.models import tome, vit
+from test_layout import SPEC, N, clips, full_tokens, logits_alone, random_params, run
 
-SMALL = dict(num_frames=8, image_size=32, patch_size=8)  # 4 × 4 × 4 = 64 tokens
-
-
-def randomize(params, seed=0):
-  """Every parameter random and O(1)-ish, so mistakes show up in the logits (see fixtures)."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  rng = np.random.RandomState(seed)
-  new = []
-  for leaf in leaves:
-    fan_in = np.prod(leaf.shape[:-1]) if leaf.ndim > 1 else 1
-    new.append(rng.normal(scale=fan_in ** -0.5 if leaf.ndim > 1 else 0.3,
-                          size=leaf.shape).astype(np.float32))
-  return jax.tree_util.tree_unflatten(treedef, new)
+TS, P = SPEC.tubelet_size, SPEC.patch_size
+TOL = 5e-5  # fixture README: every correct fp32 implementation is within 2e-6
 
 
-def make(policy="none", num_classes=7, seed=0, **overrides):
-  tok_fields = {k: overrides.pop(k) for k in list(overrides)
-                if k in rlt.TokenizerConfig.__dataclass_fields__}
-  model = vit.build("tiny", num_classes=num_classes,
-                    tokenizer=rlt.TokenizerConfig(policy=policy, **tok_fields),
-                    **(SMALL | overrides))
-  frames = clips()
-  variables = model.init({"params": jax.random.PRNGKey(0), "tokens": jax.random.PRNGKey(1)},
-                         frames)
-  return model, {"params": randomize(variables["params"], seed)}
-
-
-def clips(batch=4, seed=0):
-  """uint8 clips: a static texture with a moving square of per-clip size, plus noise."""
-  rng = np.random.RandomState(seed)
-  frames = np.repeat(rng.randint(0, 256, (batch, 1, 32, 32, 3)), 8, axis=1)
-  for b in range(batch):
-    s = 6 + 4 * b
-    for i in range(8):
-      frames[b, i, 2 * i:2 * i + s, 3 * i:3 * i + s] = 255
-  return frames.astype(np.uint8)
-
-
-def tokens_alone(model, variables, selection, b):
-  """The clip's kept tokens as a one-row batch with no padding."""
-  kept = np.nonzero(np.asarray(selection.mask[b]))[0]
-  k = len(kept)
-  batch = rlt.TokenBatch(
-      patches=jnp.asarray(selection.patches[b][kept])[None],
-      positions=jnp.asarray(kept, jnp.int32)[None],
-      lengths=jnp.asarray(selection.lengths[b][kept])[None],
-      segment_ids=jnp.ones((1, k), jnp.int32),
-      kept=jnp.asarray([k], jnp.int32), placed=jnp.asarray([k], jnp.int32))
-  return model.apply(variables, batch).logits[0]
-
-
-def numpy_forward(params, frames, num_heads):
-  """VideoMAE-2 forward in float64 numpy, written from shared/specs/videomae2.md."""
-  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), flax.core.unfreeze(params))
-  x = np.asarray(rlt.normalize(frames), np.float64)
-  patches = np.asarray(rlt.patchify(x, 2, 8))
+def numpy_forward(params, frames, mask=None, spec=SPEC):
+  """VideoMAE-2 forward in float64 NumPy, written from docs/videomae2.md, on each clip's
+  tokens where `mask` (B, N) is True (all tokens by default), one clip at a time."""
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(rlt.normalize(np.asarray(frames)), np.float64)
+  b, t, hh, ww, _ = x.shape
+  ts, ps = spec.tubelet_size, spec.patch_size
+  patches = x.reshape(b, t // ts, ts, hh // ps, ps, ww // ps, ps, 3)
+  patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, spec.num_tokens, -1)
   kernel = p["patch_embed"]["kernel"]
   tokens = patches @ kernel.reshape(-1, kernel.shape[-1]) + p["patch_embed"]["bias"]
-  n, d = tokens.shape[1:]
+  d = tokens.shape[-1]
   j = np.arange(d)
-  angle = np.arange(n)[:, None] / 10000 ** (2 * (j // 2) / d)
+  angle = np.arange(spec.num_tokens)[:, None] / 10000 ** (2 * (j // 2) / d)
   tokens = tokens + np.where(j % 2 == 0, np.sin(angle), np.cos(angle))
 
   def norm(v, q):
@@ -85,24 +44,44 @@ def numpy_forward(params, frames, num_heads):
     return (v - mu) / np.sqrt(var + 1e-6) * q["scale"] + q["bias"]
 
   gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / np.sqrt(2))))
-  for i in range(2):
-    blk = p[f"blocks_{i}"]
-    h = norm(tokens, blk["norm1"])
-    qkv = h @ blk["attn"]["qkv"]["kernel"]
-    q, k, v = np.split(qkv, 3, axis=-1)
-    q, v = q + blk["attn"]["q_bias"], v + blk["attn"]["v_bias"]
-    split = lambda t: t.reshape(*t.shape[:2], num_heads, -1).transpose(0, 2, 1, 3)
-    q, k, v = split(q), split(k), split(v)
-    a = q @ k.transpose(0, 1, 3, 2) * q.shape[-1] ** -0.5
-    a = np.exp(a - a.max(-1, keepdims=True))
-    a /= a.sum(-1, keepdims=True)
-    o = (a @ v).transpose(0, 2, 1, 3).reshape(tokens.shape)
-    tokens = tokens + o @ blk["attn"]["proj"]["kernel"] + blk["attn"]["proj"]["bias"]
-    h = norm(tokens, blk["norm2"])
-    h = gelu(h @ blk["mlp"]["fc1"]["kernel"] + blk["mlp"]["fc1"]["bias"])
-    tokens = tokens + h @ blk["mlp"]["fc2"]["kernel"] + blk["mlp"]["fc2"]["bias"]
-  pooled = norm(tokens.mean(1), p["fc_norm"])
-  return pooled @ p["head"]["kernel"] + p["head"]["bias"]
+  out = []
+  for clip in range(b):
+    h_all = tokens[clip] if mask is None else tokens[clip][np.asarray(mask[clip])]
+    h_all = h_all[None]
+    for i in range(spec.depth):
+      blk = p[f"blocks_{i}"]
+      h = norm(h_all, blk["norm1"])
+      q, k, v = np.split(h @ blk["attn"]["qkv"]["kernel"], 3, axis=-1)
+      q, v = q + blk["attn"]["q_bias"], v + blk["attn"]["v_bias"]
+      split = lambda z: z.reshape(*z.shape[:2], spec.num_heads, -1).transpose(0, 2, 1, 3)
+      q, k, v = split(q), split(k), split(v)
+      a = q @ k.transpose(0, 1, 3, 2) * q.shape[-1] ** -0.5
+      a = np.exp(a - a.max(-1, keepdims=True))
+      a /= a.sum(-1, keepdims=True)
+      o = (a @ v).transpose(0, 2, 1, 3).reshape(h_all.shape)
+      h_all = h_all + o @ blk["attn"]["proj"]["kernel"] + blk["attn"]["proj"]["bias"]
+      h = norm(h_all, blk["norm2"])
+      h = gelu(h @ blk["mlp"]["fc1"]["kernel"] + blk["mlp"]["fc1"]["bias"])
+      h_all = h_all + h @ blk["mlp"]["fc2"]["kernel"] + blk["mlp"]["fc2"]["bias"]
+    pooled = norm(h_all.mean(1), p["fc_norm"])
+    out.append((pooled @ p["head"]["kernel"] + p["head"]["bias"])[0])
+  return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return random_params(SPEC)
+
+
+def rlt_mask(frames):
+  return rlt.select(rlt.normalize(jnp.asarray(frames)), rlt.Policy("rlt"), tubelet_size=TS,
+                    patch_size=P)
+
+
+def batch_logits(model, params, frames, mask, kind="stream"):
+  plan = layout.plan(np.asarray(mask.sum(-1)), layout.Layout(kind, capacity_step=8),
+                     num_tokens=N, groups=1)
+  return np.asarray(run(model, params, rlt.normalize(jnp.asarray(frames)), mask, plan))
 
 
 class TestArchitecture:
@@ -110,216 +89,257 @@ class TestArchitecture:
   @pytest.mark.parametrize("name,millions", [("S/16", 22.0), ("B/16", 86.5), ("L/16", 304.3),
                                              ("H/16", 632.1), ("g/14", 1012.2)])
   def test_variants_have_the_published_sizes(self, name, millions):
-    size = 224
-    model = vit.build(name, num_classes=400, image_size=size)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, 16, size, size, 3), jnp.uint8))
+    spec = vit.ModelSpec.from_variant(name, num_classes=400, image_size=224)
+    shapes = checkpoint.abstract_params(spec)
     count = sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes))
     assert round(count / 1e6, 1) == millions
 
   def test_vit_g_has_2048_tokens_and_mlp_6144(self):
-    model = vit.build("g/14", num_classes=400)
-    assert model.num_tokens == 2048 and model.mlp_dim == 6144
+    spec = vit.ModelSpec.from_variant("g/14", num_classes=400)
+    assert spec.num_tokens == 2048 and spec.mlp_dim == 6144 and spec.grid == (8, 16, 16)
 
   def test_unknown_variant_lists_the_names(self):
     with pytest.raises(ValueError, match="model.variant='X/16'.*B/16"):
-      vit.build("X/16", num_classes=1)
+      vit.ModelSpec.from_variant("X/16", num_classes=1)
 
   def test_sinusoid_table_is_the_upstream_one(self, fixtures_dir):
     want = np.load(fixtures_dir / "videomae2_tiny_expected.npz")["pos_table"]
     np.testing.assert_array_equal(vit.sinusoid_table(1568, 384), want)
 
-  def test_layer_norms_use_eps_1e6(self):
-    assert vit.LAYER_NORM_EPS == 1e-6
-    model, variables = make()
-    bound = model.bind(variables)
-    bound.setup()
-    assert bound.fc_norm.epsilon == 1e-6
+  def test_every_layer_norm_uses_eps_1e6(self, params):
+    """(The logits cannot tell 1e-5 from 1e-6 apart: 7e-6 on the fixture.) Every LayerNorm
+    the model runs, two per block and fc_norm, is built with eps 1e-6."""
+    seen = []
 
-  def test_matches_an_independent_float64_forward(self):
-    model, variables = make("none")
-    frames = clips()
-    got = model.apply(variables, frames).logits
-    want = numpy_forward(variables["params"], frames, num_heads=2)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    def record(next_fun, args, kwargs, context):
+      if isinstance(context.module, nn.LayerNorm) and context.method_name == "__call__":
+        seen.append(context.module.epsilon)
+      return next_fun(*args, **kwargs)
+
+    tokens = full_tokens(rlt.normalize(jnp.asarray(clips(batch=1))))
+    with nn.intercept_methods(record):
+      jax.eval_shape(lambda t: vit.build(SPEC).apply({"params": params}, t), tokens)
+    assert seen == [1e-6] * (2 * SPEC.depth + 1)
+
+  def test_matches_an_independent_float64_forward(self, params):
+    model, frames = vit.build(SPEC), clips(batch=4)
+    got = batch_logits(model, params, frames, jnp.ones((4, N), bool), "padded")
+    np.testing.assert_allclose(got, numpy_forward(params, frames), atol=1e-5, rtol=0)
+
+  def test_kept_tokens_match_the_float64_forward_on_those_tokens_alone(self, params):
+    model, frames = vit.build(SPEC), clips(batch=4)
+    mask = rlt_mask(frames)
+    assert np.asarray(mask.sum(-1)).max() < N
+    np.testing.assert_allclose(batch_logits(model, params, frames, mask, "stream"),
+                               numpy_forward(params, frames, mask), atol=1e-5, rtol=0)
 
   def test_videomae2_initialisation(self):
-    model = vit.build("tiny", num_classes=7, **SMALL)
-    params = model.init(jax.random.PRNGKey(0), clips())["params"]
+    model = vit.build(SPEC)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0),
+                                 full_tokens(jnp.zeros((1, 8, 64, 64, 3))))["params"]
     qkv = np.asarray(params["blocks_0"]["attn"]["qkv"]["kernel"])
     assert abs(qkv.std() - 0.02) < 0.003 and np.abs(qkv).max() <= 0.04 + 1e-6
     assert np.abs(params["head"]["kernel"]).max() <= 0.04 * 0.001 + 1e-9
     assert (np.asarray(params["blocks_0"]["attn"]["q_bias"]) == 0).all()
     assert (np.asarray(params["fc_norm"]["scale"]) == 1).all()
-    bound = (2 * 8 * 8 * 3) ** -0.5
+    bound = (TS * P * P * 3) ** -0.5
     assert np.abs(params["patch_embed"]["kernel"]).max() <= bound
+    assert np.abs(params["patch_embed"]["bias"]).max() <= bound
 
 
-POLICIES = [("none", {}), ("rlt", {"threshold": 0.1}), ("random", {"keep_fraction": 0.4})]
+class TestModelSpec:
+
+  def test_round_trips_through_json(self):
+    spec = dataclasses.replace(SPEC, length_embedding=True)
+    assert vit.ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+  @pytest.mark.parametrize("change,match", [
+      (dict(depth=0), r"runs/a/model.json: model.depth=0: expected a positive integer"),
+      (dict(width="64"), r"runs/a/model.json: model.width='64'"),
+      (dict(num_heads=True), r"runs/a/model.json: model.num_heads=True"),
+      (dict(length_embedding=1), r"runs/a/model.json: model.length_embedding=1"),
+      (dict(width=65), r"runs/a/model.json: model.width=65 is not divisible by num_heads=2"),
+      (dict(num_frames=7), r"runs/a/model.json: model: num_frames=7 must be a multiple"),
+      (dict(variant="tiny"), r"runs/a/model.json: unknown model fields \['variant'\]"),
+      (dict(num_classes=None), r"runs/a/model.json: .*num_classes"),
+  ])
+  def test_errors_name_the_source_and_the_field(self, change, match):
+    fields = {k: v for k, v in (SPEC.to_dict() | change).items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+      vit.ModelSpec.from_dict(fields, "runs/a/model.json")
+
+  def test_a_non_object_is_named(self):
+    with pytest.raises(ValueError, match="runs/a/model.json: expected a JSON object, got list"):
+      vit.ModelSpec.from_dict([1, 2], "runs/a/model.json")
+
+  def test_bad_runtime_settings_name_the_field(self, params):
+    with pytest.raises(ValueError, match="model.dtype='float64'"):
+      vit.build(SPEC, dtype="float64")
+    tokens = full_tokens(jnp.zeros((1, 8, 64, 64, 3)))
+    with pytest.raises(ValueError, match="model.remat='some'"):
+      jax.eval_shape(lambda t: vit.build(SPEC, remat="some").apply({"params": params}, t),
+                     tokens)
+    with pytest.raises(ValueError, match="model.tome has 3 entries for 2 blocks"):
+      jax.eval_shape(lambda t: vit.build(SPEC, tome=(1, 1, 1)).apply({"params": params}, t),
+                     tokens)
 
 
-class TestKeptTokensAlone:
-
-  @pytest.mark.parametrize("policy,kw", POLICIES)
-  @pytest.mark.parametrize("layout", ["padded", "packed"])
-  @pytest.mark.parametrize("length_embedding", [False, True])
-  def test_each_clip_equals_its_tokens_alone(self, policy, kw, layout, length_embedding):
-    frames = clips()
-    model, variables = make(policy, length_embedding=length_embedding, **kw)
-    config = model.tokenizer
-    rngs = {"tokens": jax.random.PRNGKey(3)}
-    selection = model.apply(variables, frames, rngs=rngs, method="select")
-    counts = np.asarray(selection.mask.sum(-1))
-    if policy == "rlt":
-      assert counts.max() < 64  # RLT really drops tokens on these clips
-    if layout == "padded":
-      layout_config = dict(capacity=rlt.choose_capacity(counts, [16, 32, 48, 64]))
-    else:
-      layout_config = dict(packing=True, row_length=96,
-                           num_rows=rlt.pack_rows_needed(counts, 96) + 1)  # + an empty row
-    model = model.clone(tokenizer=rlt.TokenizerConfig(policy=policy, **kw, **layout_config))
-    out = jax.jit(lambda v, f: model.apply(v, f, rngs=rngs))(variables, frames)
-    assert int(out.num_overflow) == 0
-    np.testing.assert_array_equal(out.kept, counts)
-    for b in range(len(frames)):
-      alone = tokens_alone(model, variables, selection, b)
-      np.testing.assert_allclose(out.logits[b], alone, atol=1e-5, rtol=0)
-
-  def test_policy_none_at_capacity_n_is_the_plain_forward(self):
-    model, variables = make("none", capacity=64)
-    frames = clips()
-    np.testing.assert_allclose(model.apply(variables, frames).logits,
-                               numpy_forward(variables["params"], frames, 2), atol=1e-5)
-
-  @pytest.mark.parametrize("packing", [False, True])
-  def test_padding_content_changes_nothing(self, packing):
-    layout = dict(packing=True, row_length=128, num_rows=2) if packing else dict(capacity=64)
-    model, variables = make("rlt", length_embedding=True, **layout)
-    batch = rlt.compact(model.apply(variables, clips(), method="select"), model.tokenizer)
-    pad = batch.segment_ids == 0
-    assert bool(pad.any())
-    noise = jax.random.normal(jax.random.PRNGKey(0), batch.patches.shape) * 10
-    garbage = batch.replace(
-        patches=jnp.where(pad[..., None], noise, batch.patches),
-        positions=jnp.where(pad, 17, batch.positions),
-        lengths=jnp.where(pad, 3, batch.lengths))
-    np.testing.assert_allclose(model.apply(variables, garbage).logits,
-                               model.apply(variables, batch).logits, atol=1e-6)
+@pytest.fixture(scope="module")
+def converted(fixtures_dir, tmp_path_factory):
+  """The fixture checkpoint converted, saved as a model directory and loaded back."""
+  params, config, _ = convert.convert(str(fixtures_dir / "videomae2_tiny.pth"))
+  if not isinstance(config, vit.ModelSpec):
+    names = {f.name for f in dataclasses.fields(vit.ModelSpec)}
+    config = vit.ModelSpec.from_dict({k: v for k, v in config.items() if k in names})
+  directory = tmp_path_factory.mktemp("converted") / "model"
+  checkpoint.save_model(directory, params, config)
+  spec, params = checkpoint.load_model(directory)
+  assert spec == config
+  return spec, params, np.load(fixtures_dir / "videomae2_tiny_expected.npz")
 
 
-class TestOverflow:
+class TestConvertedCheckpoint:
 
-  def test_error_policy_reports_and_raises(self):
-    model, variables = make("rlt", capacity=16)
-    out = model.apply(variables, clips())
-    assert int(out.num_overflow) == int((np.asarray(out.kept) > 16).sum()) > 0
-    with pytest.raises(OverflowError):
-      rlt.raise_on_overflow(out.num_overflow, model.tokenizer)
-
-  def test_full_policy_runs_overflowing_batches_at_full_length(self):
-    model, variables = make("rlt", capacity=16, overflow="full")
-    exact, _ = make("rlt")
-    out = jax.jit(model.apply)(variables, clips())
-    assert int(out.num_overflow) > 0
-    np.testing.assert_array_equal(out.placed, out.kept)
-    np.testing.assert_allclose(out.logits, exact.apply(variables, clips()).logits, atol=1e-5)
-
-  def test_drop_least_changed_runs_capacity_tokens(self):
-    model, variables = make("rlt", capacity=16, overflow="drop_least_changed")
-    out = model.apply(variables, clips())
-    assert int(out.placed.max()) <= 16 and int(out.num_overflow) > 0
+  @pytest.mark.parametrize("kind", layout.KINDS)
+  def test_reproduces_the_upstream_logits_with_and_without_rlt(self, converted, kind):
+    spec, params, data = converted
+    model = vit.build(spec)
+    full, counts, _ = forward.Forward(model, rlt.Policy("none"), layout.Layout(kind))(
+        params, data["frames"])
+    assert counts.tolist() == [1568, 1568]
+    assert np.abs(np.asarray(full) - data["logits"]).max() <= TOL
+    assert np.asarray(full).argmax(-1).tolist() == [174, 399]
+    kept, counts, plan = forward.Forward(model, rlt.Policy("rlt", threshold=0.1),
+                                         layout.Layout(kind))(params, data["frames"])
+    assert counts.tolist() == [856, 642] and plan.capacity == 896
+    assert np.abs(np.asarray(kept) - data["logits_rlt"]).max() <= TOL
+    assert np.asarray(kept).argmax(-1).tolist() == [174, 54]  # dropping tokens changed clip 1
 
 
 class TestTraining:
 
-  def test_gradients_are_finite_and_padding_gets_none(self):
-    model, variables = make("rlt", capacity=64, length_embedding=True, drop_path=0.2)
-    batch = rlt.compact(model.apply(variables, clips(), method="select"), model.tokenizer)
+  @pytest.fixture(scope="class")
+  def gradients(self):
+    """Logits and gradients (params, patches) of one training step, per remat policy: four
+    clips in a stream with padding, length embedding and drop path on."""
+    spec = dataclasses.replace(SPEC, length_embedding=True)
+    params = random_params(spec)
+    frames = rlt.normalize(jnp.asarray(clips(batch=4)))
+    mask = rlt_mask(clips(batch=4))
+    plan = layout.plan(np.asarray(mask.sum(-1)), layout.Layout("stream", capacity_step=8),
+                       num_tokens=N, groups=2)
+    tokens = layout.tokenize(frames, mask, plan, tubelet_size=TS, patch_size=P)
 
-    def loss(params, patches):
-      out = model.apply({"params": params}, batch.replace(patches=patches), train=True,
-                        rngs={"dropout": jax.random.PRNGKey(0)})
-      return jnp.sum(out.logits ** 2)
+    @jax.jit
+    def step(params, patches):
+      out = {}
+      for remat in vit.REMAT_POLICIES:
+        model = vit.build(spec, remat=remat, drop_path=0.2)
 
-    g_params, g_patches = jax.grad(loss, argnums=(0, 1))(variables["params"], batch.patches)
+        def loss(params, patches):
+          logits = model.apply({"params": params}, tokens.replace(patches=patches),
+                               train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+          return jnp.sum(logits ** 2), logits
+
+        out[remat] = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, patches)
+      return out
+
+    return tokens, step(params, tokens.patches)
+
+  def test_gradients_are_finite_and_padding_gets_none(self, gradients):
+    tokens, out = gradients
+    (g_params, g_patches), _ = out["none"]
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(g_params))
-    pad = np.asarray(batch.segment_ids == 0)
+    pad = np.asarray(tokens.clip == 0)
+    assert pad.any()
     assert np.abs(np.asarray(g_patches)[pad]).max() == 0
     assert np.abs(np.asarray(g_patches)[~pad]).max() > 0
 
-  def test_drop_path_is_drawn_per_clip_not_per_row(self):
-    # Same rng, same clips: padded (a row per clip) and packed (clips sharing rows) must
-    # drop the same branches, which holds only if the draw is per clip.
-    kw = dict(drop_path=0.5, dropout=0.0)
-    padded, variables = make("rlt", capacity=64, **kw)
-    packed = padded.clone(tokenizer=rlt.TokenizerConfig(policy="rlt", packing=True,
-                                                        row_length=128, num_rows=2))
-    rngs = {"dropout": jax.random.PRNGKey(5)}
-    a = padded.apply(variables, clips(), train=True, rngs=rngs).logits
-    b = packed.apply(variables, clips(), train=True, rngs=rngs).logits
-    c = padded.apply(variables, clips(), train=False).logits
-    np.testing.assert_allclose(a, b, atol=1e-5)
-    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3  # drop path did act
+  @pytest.mark.parametrize("remat", ["full", "dots"])
+  def test_remat_gives_the_logits_and_gradients_of_none(self, gradients, remat):
+    _, out = gradients
+    (g_none, l_none), (g_remat, l_remat) = out["none"], out[remat]
+    np.testing.assert_allclose(l_remat, l_none, atol=1e-5, rtol=0)
+    for x, y in zip(jax.tree_util.tree_leaves(g_remat), jax.tree_util.tree_leaves(g_none)):
+      np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
 
-  def test_remat_changes_nothing(self):
-    model, variables = make("rlt", capacity=64, drop_path=0.1)
-    rematted = model.clone(remat=True)
-    loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, clips(), train=True, rngs={
-        "dropout": jax.random.PRNGKey(0)}).logits ** 2)
-    g1 = jax.grad(loss(model))(variables["params"])
-    g2 = jax.grad(loss(rematted))(variables["params"])
-    for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
-      np.testing.assert_allclose(x, y, atol=1e-5)
+  def test_drop_path_is_drawn_per_clip_not_per_slot_or_row(self, params):
+    """Same rng, same clips, one group: the stream (clips sharing a row of slots) and the
+    padded layout (a row per clip) drop the same branches only if the draw is per clip."""
+    model = vit.build(SPEC, drop_path=0.5)
+    frames, mask = clips(batch=4), rlt_mask(clips(batch=4))
+    normalised = rlt.normalize(jnp.asarray(frames))
+    counts = np.asarray(mask.sum(-1))
 
-  def test_bfloat16_compute_keeps_fp32_params_and_is_close(self):
-    model, variables = make("rlt", capacity=64)
-    fp32 = model.apply(variables, clips()).logits
-    bf16_model = model.clone(dtype=jnp.bfloat16)
-    out = bf16_model.apply(variables, clips()).logits
-    assert out.dtype == jnp.float32
-    fresh = bf16_model.init(jax.random.PRNGKey(0), clips())["params"]
+    @jax.jit
+    def train_logits(params, frames, mask, rng):
+      out = {}
+      for kind in layout.KINDS:
+        plan = layout.plan(counts, layout.Layout(kind, capacity_step=8), num_tokens=N,
+                           groups=1)
+        tokens = layout.tokenize(frames, mask, plan, tubelet_size=TS, patch_size=P)
+        out[kind] = model.apply({"params": params}, tokens, train=True, rngs={"dropout": rng})
+      return out
+
+    out = train_logits(params, normalised, mask, jax.random.PRNGKey(5))
+    np.testing.assert_allclose(out["stream"], out["padded"], atol=1e-5, rtol=0)
+    evaluation = batch_logits(vit.build(SPEC), params, frames, mask)  # no drop path
+    assert np.abs(np.asarray(out["stream"]) - evaluation).max() > 1e-3  # drop path did act
+
+  def test_bfloat16_compute_keeps_fp32_params_and_is_close(self, params):
+    frames, mask = clips(batch=4), rlt_mask(clips(batch=4))
+    fp32 = batch_logits(vit.build(SPEC), params, frames, mask)
+    bf16_model = vit.build(SPEC, dtype="bfloat16")
+    out = batch_logits(bf16_model, params, frames, mask)
+    assert out.dtype == np.float32
+    fresh = jax.eval_shape(bf16_model.init, jax.random.PRNGKey(0),
+                           full_tokens(jnp.zeros((1, 8, 64, 64, 3))))["params"]
     assert {x.dtype for x in jax.tree_util.tree_leaves(fresh)} == {jnp.dtype("float32")}
-    assert np.abs(np.asarray(out) - np.asarray(fp32)).max() < 0.1
+    assert 0 < np.abs(out - fp32).max() < 0.1
+
+  def test_numpy_params_work_inside_jit(self):
+    """`checkpoint.load_model` returns NumPy params; a jitted function that closes over them
+    (rather than taking them as arguments) must run too, length embedding included."""
+    spec = dataclasses.replace(SPEC, length_embedding=True)
+    params = jax.tree_util.tree_map(np.asarray, random_params(spec))
+    tokens = full_tokens(rlt.normalize(jnp.asarray(clips(batch=2))), spec)
+    model = vit.build(spec)
+    got = jax.jit(lambda t: model.apply({"params": params}, t))(tokens)
+    np.testing.assert_allclose(got, model.apply({"params": params}, tokens), atol=1e-5)
 
 
-class TestCompilation:
+class TestTokenMerging:
 
-  def test_one_compilation_per_capacity_bucket(self):
-    model, variables = make("rlt")
-    traces = []
+  def test_an_all_zero_schedule_is_bitwise_the_plain_model(self, params):
+    frames, mask = clips(batch=4), rlt_mask(clips(batch=4))
+    tokens = full_tokens(jnp.zeros((1, 8, 64, 64, 3)))
+    init = lambda m: jax.eval_shape(m.init, jax.random.PRNGKey(0), tokens)
+    assert (jax.tree_util.tree_structure(init(vit.build(SPEC, tome=(0, 0))))
+            == jax.tree_util.tree_structure(init(vit.build(SPEC))))
+    for kind in layout.KINDS:
+      np.testing.assert_array_equal(
+          batch_logits(vit.build(SPEC, tome=(0, 0)), params, frames, mask, kind),
+          batch_logits(vit.build(SPEC), params, frames, mask, kind))
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def bucketed(variables, frames, capacity):
-      traces.append(capacity)
-      m = model.clone(tokenizer=rlt.TokenizerConfig(policy="rlt", capacity=capacity))
-      return m.apply(variables, frames).logits
+  @pytest.fixture(scope="class")
+  def merged_alone(self, params):
+    """Four clips of 27 kept tokens each, a different random subset per clip (equal counts so
+    that the references share one compilation: ToMe compiles slowly), each merged on its own;
+    and the logits without ToMe. Block 0 merges 8 tokens; block 1 attends to the merged tokens
+    by size and pooling weighs them by size."""
+    model = vit.build(SPEC, tome=(8, 0))
+    frames = clips(batch=4)
+    mask = rlt.random_mask(jax.random.PRNGKey(3), 4, SPEC.grid, 27 / N).reshape(4, N)
+    alone = logits_alone(model, params, rlt.normalize(jnp.asarray(frames)), mask)
+    plain = batch_logits(vit.build(SPEC), params, frames, mask)
+    return model, frames, mask, alone, plain
 
-    buckets = [16, 32, 48, 64]
-    used = []
-    for seed in range(6):
-      frames = clips(seed=seed)
-      counts = rlt.keep_mask(rlt.normalize(frames), patch_size=8).reshape(4, -1).sum(-1)
-      # Different batches, few shapes: vary which clips are in the batch.
-      frames, counts = frames[: 2 + seed % 3], counts[: 2 + seed % 3]
-      capacity = rlt.choose_capacity(counts, buckets)
-      used.append((len(frames), capacity))
-      bucketed(variables, frames, capacity)
-    assert len(traces) == len(set(used)) < len(used)
-
-
-class TestSharding:
-
-  def test_data_sharded_forward_equals_one_device(self):
-    assert jax.device_count() == 8
-    model, variables = make("rlt", capacity=64)
-    frames = np.concatenate([clips(seed=0), clips(seed=1)])  # 8 clips, one per device
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    sharded = jax.jit(model.apply, in_shardings=(replicated, data))(variables, frames)
-    one = jax.devices()[0]
-    single = jax.jit(model.apply)(jax.device_put(variables, one), jax.device_put(frames, one))
-    assert len(sharded.logits.sharding.device_set) == 8
-    assert single.logits.sharding.device_set == {one}
-    np.testing.assert_allclose(sharded.logits, single.logits, atol=1e-5)
-    np.testing.assert_array_equal(sharded.kept, single.kept)
+  @pytest.mark.parametrize("kind", layout.KINDS)
+  def test_merging_never_crosses_clips(self, params, merged_alone, kind):
+    """Rows hold padding in both layouts (C = 32 slots for 27 tokens)."""
+    model, frames, mask, alone, plain = merged_alone
+    assert np.asarray(mask.sum(-1)).tolist() == [27] * 4
+    assert tome.schedule(model.tome, SPEC.depth, 27) == model.tome  # a valid schedule
+    assert np.abs(alone - plain).max() > 1e-3  # ToMe did merge
+    np.testing.assert_allclose(batch_logits(model, params, frames, mask, kind), alone, atol=1e-5,
+                               rtol=0)
