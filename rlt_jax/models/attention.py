@@ -18,8 +18,6 @@ Implementations (config `model.attention`):
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -75,7 +73,6 @@ def _cudnn_attention(q, k, v, lengths):
                                       key_value_seq_lengths=lengths, implementation="cudnn")
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(length: int, heads: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   mask = splash.MultiHeadMask([splash.FullMask((length, length))] * heads)
@@ -93,6 +90,7 @@ def _splash_attention(q, k, v, lengths):
   if length % 128:
     raise ValueError(f"splash attention needs rows whose length is a multiple of 128, got "
                      f"{length}: set layout.capacity_step to a multiple of 128")
+  # Built per trace, never cached: the kernel object holds arrays of the trace that built it.
   kernel = _splash_kernel(length, heads, jax.default_backend() != "tpu")
   q = q * jnp.asarray(head_dim ** -0.5, q.dtype)  # splash does not scale q itself
   segments = (jnp.arange(length) < lengths[:, None]).astype(jnp.int32)

@@ -274,7 +274,7 @@ class VisionTransformer(nn.Module):
     x = x + jnp.asarray(sinusoid_table(s.num_tokens, s.width))[tokens.positions]
     if s.length_embedding:
       lengths = tokens.lengths
-      x = x + jnp.where(lengths[..., None] > 0, self.length_table[jnp.maximum(lengths - 1, 0)],
+      x = x + jnp.where(lengths[..., None] > 0, jnp.asarray(self.length_table)[jnp.maximum(lengths - 1, 0)],
                         0.0)
     x = x.astype(self.dtype)
     if not any(self.tome):
