@@ -219,7 +219,8 @@ class Setting:
 def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat16",
                     source: str = "synthetic", frames_path: str | None = None,
                     threshold: float = 0.1, batches: int = 4, repeats: int = 3,
-                    tiny: bool = False, train_steps: bool = True, tome_r: int = 0) -> dict:
+                    tiny: bool = False, train_steps: bool = True, tome_r: int = 0,
+                    only: tuple[str, ...] = ()) -> dict:
   """clips/s, tokens, speedups, efficiency, overhead and MFU for each policy × layout."""
   overrides = {}
   if tiny:
@@ -254,6 +255,8 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
   if tome_budget:
     settings += [Setting(f"tome r={tome_budget}", rlt.Policy("none"), padded, tome=tome_budget),
                  Setting(f"rlt+tome r={tome_budget}", rlt_policy, padded, tome=tome_budget)]
+  if only:  # the all-token baseline always runs: every ratio is against it
+    settings = [settings[0]] + [s for s in settings[1:] if s.name.startswith(only)]
   rng = jax.random.PRNGKey(0)
   params = jax.jit(lambda: model.init(rng, train_lib._example_tokens(spec))["params"])()
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -429,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
   model_parser.add_argument("--batches", type=int, default=4, help="synthetic/TFRecord only")
   model_parser.add_argument("--repeats", type=int, default=3)
   model_parser.add_argument("--no_train", action="store_true", help="forward passes only")
+  model_parser.add_argument("--only", default="", help="comma-separated setting-name prefixes "
+                            "to run besides 'none' (e.g. 'rlt stream,random')")
   model_parser.add_argument("--tome", type=int, default=-1,
                             help="ToMe r per block (-1: matched to RLT's mean budget; 0: off)")
   model_parser.add_argument("--tiny", action="store_true", help="small model on CPU (smoke)")
@@ -500,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
       result = model_benchmark(args.variant, args.batch, args.dtype, args.source, args.frames,
                                args.threshold, args.batches, args.repeats, args.tiny,
-                               not args.no_train, args.tome)
+                               not args.no_train, args.tome,
+                               tuple(filter(None, args.only.split(","))))
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None
     print_table(result)
