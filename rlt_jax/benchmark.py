@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 
@@ -129,7 +130,7 @@ def forward_flops(spec: vit.ModelSpec, tokens: np.ndarray, tome: tuple[int, ...]
   for layer in range(spec.depth):
     size = np.maximum(n - merged, 1)
     flops = flops + 2 * size * (4 * d * d + 2 * d * m) + 2 * 2 * size * size * d
-    merged = merged + (tome[layer] if layer < len(tome) else 0)
+    merged = merged + np.minimum(tome[layer] if layer < len(tome) else 0, size // 2)
   return float(np.sum(flops))
 
 
@@ -286,6 +287,9 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
         "rlt_overhead_ms": 1e3 * overhead_s / batches,
         "flops": forward_flops(spec, clip_tokens, tome),
         "compilations": len(fwd.plans), "forward_s": forward_s, "train_s": train_s})
+    print(f"  {setting.name}: {batch * batches / forward_s:.2f} forward clips/s"
+          + (f", {batch * batches / train_s:.2f} train clips/s" if train_s else ""),
+          file=sys.stderr, flush=True)
 
   none = results[0]
   kind = jax.devices()[0].device_kind

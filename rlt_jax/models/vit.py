@@ -190,10 +190,10 @@ class Block(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   attention: str = "xla"
-  merge: int = 0
 
   @nn.compact
-  def __call__(self, x, tokens: layout.TokenBatch | None, deterministic: bool, size=None):
+  def __call__(self, x, tokens: layout.TokenBatch | None, deterministic: bool, size=None,
+               merge: int = 0):
     norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
     attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
     if tokens is not None:  # one draw per clip (index 0: padding), whatever the layout
@@ -206,8 +206,8 @@ class Block(nn.Module):
       y, keys = attn(norm("norm1")(x), bias=tome.attention_bias(size))
     x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), draws, owner,
                             deterministic)
-    if tokens is None and self.merge:
-      matching = tome.bipartite_soft_matching(tome.metric_from_keys(keys), size > 0, self.merge)
+    if tokens is None and merge:
+      matching = tome.bipartite_soft_matching(tome.metric_from_keys(keys), size > 0, merge)
       x, size = tome.merge(x, size, matching)
     y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
     x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), draws, owner,
@@ -226,8 +226,9 @@ class VisionTransformer(nn.Module):
   """VideoMAE-2 ViT over a `layout.TokenBatch`; returns per-clip logits (B, classes) float32.
 
   rngs: 'dropout' for dropout / drop path when training. remat: a `REMAT_POLICIES` name.
-  tome: tokens merged in each block (Token Merging; `tome.schedule`); all zero: off, and the
-  code path is the plain one. With ToMe the tokens move to one row per clip first.
+  tome: tokens to merge in each block (Token Merging); all zero: off, and the code path is the
+  plain one. With ToMe the tokens move to one row per clip first, and each block merges at
+  most what `tome.schedule` allows on that batch's rows.
   """
   spec: ModelSpec
   dropout: float = 0.0
@@ -253,13 +254,11 @@ class VisionTransformer(nn.Module):
     if len(self.tome) > s.depth:
       raise ValueError(f"model.tome has {len(self.tome)} entries for {s.depth} blocks")
     block = Block
-    if self.remat != "none":  # argument 3 (`deterministic`) is a Python bool: static
-      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
+    if self.remat != "none":  # arguments 3 (`deterministic`) and 5 (`merge`) are Python values
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(3, 5))
     rates = np.linspace(0.0, self.drop_path, s.depth)
-    merges = tuple(self.tome) + (0,) * (s.depth - len(self.tome))
     self.blocks = [block(s.num_heads, s.mlp_dim, float(rate), self.dropout, self.dtype,
-                         self.attention, merges[i], name=f"blocks_{i}")
-                   for i, rate in enumerate(rates)]
+                         self.attention, name=f"blocks_{i}") for i, rate in enumerate(rates)]
     self.fc_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="fc_norm")
     self.head_drop = nn.Dropout(self.head_dropout)
     scaled = lambda init: lambda *a: init(*a) * self.head_init_scale
@@ -284,8 +283,10 @@ class VisionTransformer(nn.Module):
     else:
       x = layout.to_rows(x, tokens)
       size = (jnp.arange(x.shape[1]) < tokens.kept[:, None]).astype(jnp.float32)
-      for block in self.blocks:
-        x, size = block(x, None, not train, size)
+      requested = tuple(self.tome) + (0,) * (s.depth - len(self.tome))
+      # r per block, clipped to this batch's rows (C slots, fewer than N under RLT)
+      for block, merge in zip(self.blocks, tome.schedule(requested, s.depth, x.shape[1])):
+        x, size = block(x, None, not train, size, merge)
       pooled = tome.weighted_mean(x, size)
     return self.head(self.head_drop(self.fc_norm(pooled), not train))
 
