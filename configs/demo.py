@@ -23,11 +23,11 @@ def get_config(arg=None):
   c.layout.stream_buckets = 8  # few shapes to compile on a CPU
   c.batch_size = 32
   c.eval_batch_size = 80
-  c.num_epochs = 12.0          # 75 steps per epoch
+  c.num_epochs = 30.0          # 75 steps per epoch
   c.warmup_epochs = 1.0
   c.optim.update(lr=1.6e-2, layer_decay=1.0)  # 2e-3 at batch 32; trained from scratch
   c.augment.update(mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0)
-  c.log_every = 75
-  c.checkpoint_every = 300
-  c.eval_every = 300
+  c.log_every = 150
+  c.checkpoint_every = 750
+  c.eval_every = 750
   return c

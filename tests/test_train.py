@@ -342,7 +342,7 @@ def test_the_demo_config_learns_the_synthetic_dataset(tmp_path):
   workdir = tmp_path / "work"
   result = subprocess.run(
       [sys.executable, "-m", "rlt_jax.main", f"--config={ROOT}/configs/demo.py",
-       f"--workdir={workdir}", "--config.num_epochs=2", "--config.eval_every=0",
+       f"--workdir={workdir}", "--config.num_epochs=2", "--config.eval_every=150",
        f"--config.data.synthetic_dir={data}", f"--config.data.train={data}/train.tfrecord-*",
        f"--config.data.val={data}/val.tfrecord-*"],
       env=env(devices=1), capture_output=True, text=True, timeout=900)
