@@ -2,8 +2,11 @@
 
     python -m rlt_jax.main --config=configs/demo.py --workdir=/tmp/rlt_demo
 
-Measured figures: see docs/benchmarks.md ("Quick start"). Without RLT, for comparison:
---config=configs/demo.py:rlt=False.
+Writes the synthetic dataset to ~/.cache/rlt_jax/demo on first use (2400 train / 240 val videos,
+8 motion classes), then trains a tiny ViT (64 tokens per 8 × 64² clip) for 2250 steps.
+Expected (measured on a 2-core CPU, 3 seeds; docs/benchmarks.md "Quick start"): validation
+top-1 94.4% ± 2.9 with RLT keeping 37 of 64 tokens, in 3.5–4.5 minutes. Without RLT, for
+comparison (76.6% ± 20.4, same step time at this size): --config=configs/demo.py:rlt=False.
 """
 
 from rlt_jax import recipes, synthetic

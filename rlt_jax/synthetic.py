@@ -5,8 +5,8 @@
 Each video is a static, smooth coloured background with one bordered square whose motion is the
 class: moving right / left / up / down, growing, shrinking, blinking, or standing still. A
 quarter of the videos also pan the camera slowly. Left/right and up/down are classes, so never
-flip this dataset. Defaults: 2400 train / 240 val videos of 24 frames at 64² (about 170 MB,
-20 s to write). Most patches never change, which is what RLT removes: 37 of the 64 tokens of an
+flip this dataset. Defaults: 2400 train / 240 val videos of 24 frames at 64² (about 130 MB).
+Most patches never change, which is what RLT removes: 37 of the 64 tokens of an
 8 × 64² clip with 16² patches are kept on average at τ = 0.1, the first tubelet's 16 included.
 What configs/demo.py reaches on it is in docs/benchmarks.md.
 
