@@ -215,16 +215,3 @@ def test_pictures_are_written_atomically_not_through_planted_links(tmp_path):
   assert Image.open(tmp_path / "t.gif").format == "GIF"
   assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == [
       "clips.npy", "t.gif", "t.png", "victim"]  # no temporary left behind
-
-
-def test_benchmark_tiny_smoke(capsys):
-  from rlt_jax import benchmark
-  report = benchmark.model_benchmark(tiny=True)
-  assert [(r["policy"], r["batching"]) for r in report["results"]] == [
-      ("none", "all tokens"), ("rlt", "fixed capacity"), ("rlt", "bucketed"), ("rlt", "packed"),
-      ("random", "bucketed")]
-  none, rlt_fixed = report["results"][:2]
-  assert none["ideal_speedup"] == 1.0 and rlt_fixed["tokens_kept"] < none["tokens_kept"]
-  assert rlt_fixed["ideal_speedup"] > 1.0
-  benchmark.print_table(report)
-  assert "fwd clips/s" in capsys.readouterr().out

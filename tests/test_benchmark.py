@@ -1,0 +1,50 @@
+"""benchmark.py: the tool runs end to end and counts FLOPs as it says (no timing asserted)."""
+
+import numpy as np
+import pytest
+
+from rlt_jax import benchmark, rlt
+from rlt_jax.models import vit
+
+
+def test_the_tiny_model_benchmark_runs_every_layout_and_the_real_train_step(capsys):
+  report = benchmark.model_benchmark(tiny=True, only=("rlt stream",))
+  names = [r["setting"] for r in report["results"]]
+  assert names == ["none", "rlt stream, unsorted", "rlt stream, sorted"]
+  none, unsorted, grouped = report["results"]
+  assert none["ideal_speedup"] == 1.0 and none["forward_efficiency"] == 1.0
+  assert grouped["tokens_kept"] < none["tokens_kept"] and grouped["ideal_speedup"] > 1.0
+  assert all(r["train_clips_per_s"] > 0 and r["compilations"] >= 1 for r in report["results"])
+  benchmark.print_table(report)
+  assert "fwd clips/s" in capsys.readouterr().out
+
+
+def test_synthetic_clips_spread_their_kept_tokens_like_real_video():
+  clips = benchmark.synthetic_clips(12, num_frames=16, size=224)
+  kept = rlt.kept_counts(clips, rlt.Policy("rlt"), tubelet_size=2, patch_size=16) / 1568
+  assert kept.min() < 0.2 and kept.max() > 0.9  # static shots … busy scenes
+
+
+def test_flops_count_each_clip_alone_and_tome_per_block():
+  spec = vit.ModelSpec.from_variant("B/16", num_classes=400)
+  full = benchmark.forward_flops(spec, [1568])
+  assert benchmark.forward_flops(spec, [784, 784]) < full * 2 * 0.5 + 1  # n² attention term
+  assert benchmark.forward_flops(spec, [1568], tome=(100,) * 12) < full
+
+
+def test_the_ceiling_is_highest_for_sorted_streams():
+  spec = vit.ModelSpec.from_variant("S/16", num_classes=400)
+  counts = np.array([300, 400, 700, 900, 1500, 1560] * 4)
+  rows = {(r["layout"], r["sorted"]): r for r in
+          benchmark.layout_ceiling(counts, spec, batch=4, window=4, population=256)}
+  assert rows[("stream", True)]["efficiency_ceiling"] > rows[("padded", False)][
+      "efficiency_ceiling"]
+  assert all(0 < r["efficiency_ceiling"] <= 1 for r in rows.values())
+
+
+def test_frames_of_the_wrong_shape_are_named(tmp_path):
+  path = tmp_path / "clips.npy"
+  np.save(path, np.zeros((2, 8, 32, 32, 3), np.uint8))
+  spec = vit.ModelSpec.from_variant("tiny", num_classes=4, num_frames=8, image_size=64)
+  with pytest.raises(ValueError, match=r"clips.npy: expected uint8 clips \(N, 8, 64, 64, 3\)"):
+    benchmark.load_frames(str(path), spec)
