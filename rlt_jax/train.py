@@ -432,7 +432,7 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
     if config.data.final:
       result = _evaluate(config, evaluator, spec, state["params"], "final", total_steps, log,
                          workdir, bar)
-    checkpoint.save_model(model_dir, state["params"], spec)
+    checkpoint.save_model(model_dir, state["params"], spec, overwrite=True)
   finally:
     bar.close()
     manager.wait()

@@ -277,8 +277,8 @@ class VisionTransformer(nn.Module):
                         0.0)
     x = x.astype(self.dtype)
     if not any(self.tome):
-      for block in self.blocks:
-        x = block(x, tokens, not train)
+      for block in self.blocks:  # every argument positional: remat's static_argnums count them
+        x = block(x, tokens, not train, None, 0)
       pooled = layout.pool(x, tokens)
     else:
       x = layout.to_rows(x, tokens)
