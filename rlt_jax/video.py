@@ -45,10 +45,7 @@ def _decoded(path: str, fps: float | None) -> Iterator[tuple[Any, int, float]]:
   import av
   try:
     with av.open(path) as container:
-      if not container.streams.video:
-        raise VideoError(f"{path}: no video stream")
-      stream = container.streams.video[0]
-      rate = _stored_rate(stream)
+      stream, rate = _video_stream(container, path)
       tick = 0
       for i, frame in enumerate(container.decode(stream)):
         if fps is None:
@@ -61,6 +58,14 @@ def _decoded(path: str, fps: float | None) -> Iterator[tuple[Any, int, float]]:
         yield frame, tick - first, float(fps)
   except (av.error.FFmpegError, IndexError, OSError) as e:
     raise VideoError(f"{path}: cannot decode ({type(e).__name__}: {e})") from None
+
+
+def _video_stream(container, path: str):
+  """The first video stream of an open container and its stored frame rate."""
+  if not container.streams.video:
+    raise VideoError(f"{path}: no video stream")
+  stream = container.streams.video[0]
+  return stream, _stored_rate(stream)
 
 
 def iterate_frames(path: str, *, fps: float | None = None) -> Iterator[tuple[np.ndarray, float]]:
@@ -94,10 +99,7 @@ def count_frames(path: str, *, fps: float | None = None) -> int:
   import av
   try:
     with av.open(path) as container:
-      if not container.streams.video:
-        raise VideoError(f"{path}: no video stream")
-      stream = container.streams.video[0]
-      rate = _stored_rate(stream)
+      stream, rate = _video_stream(container, path)
       times = [float(p.pts * p.time_base) if p.pts is not None else i / rate
                for i, p in enumerate(p for p in container.demux(stream)
                                      if p.size and not p.is_discard)]
