@@ -8,6 +8,7 @@ the model. Evaluation, predict and the benchmark all run through `Forward`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -77,7 +78,6 @@ class Forward:
 
 def _mesh(mesh: jax.sharding.Mesh | None):
   """`jax.set_mesh(mesh)` (kernels such as splash shard_map over it), or nothing."""
-  import contextlib
   return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 

@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
