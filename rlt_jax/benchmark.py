@@ -2,7 +2,7 @@
 
     python -m rlt_jax.benchmark clips VIDEO... --output clips.npy   # real clips, 16 × 224²
     python -m rlt_jax.benchmark model [--variant B/16] [--batch 32] [--dtype bfloat16]
-        [--frames clips.npy | --source synthetic|DATA_GLOB] [--threshold 0.1] [--tome R]
+        [--frames clips.npy [--draw N] | --source synthetic|DATA_GLOB] [--threshold 0.1] [--tome R]
         [--no_train] [--tiny] [--output results.json]
     python -m rlt_jax.benchmark data [--videos 8] [--seconds 10]
 
@@ -221,8 +221,13 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
                     source: str = "synthetic", frames_path: str | None = None,
                     threshold: float = 0.1, batches: int = 4, repeats: int = 3,
                     tiny: bool = False, train_steps: bool = True, tome_r: int = 0,
-                    only: tuple[str, ...] = ()) -> dict:
-  """clips/s, tokens, speedups, efficiency, overhead and MFU for each policy × layout."""
+                    only: tuple[str, ...] = (), draw: int = 0) -> dict:
+  """clips/s, tokens, speedups, efficiency, overhead and MFU for each policy × layout.
+
+  `draw` > 0 draws that many clips from `frames_path` with replacement (seed 0), as the ceiling
+  does: a few real clips then fill several batches, so that grouping by kept count has batches
+  to group.
+  """
   overrides = {}
   if tiny:
     variant, dtype, overrides = "tiny", "float32", dict(image_size=64, num_frames=8)
@@ -231,10 +236,12 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
   model = vit.build(spec, dtype=dtype, attention="auto")
   if frames_path:
     clips = load_frames(frames_path, spec)
+    if draw:
+      clips = clips[np.random.default_rng(0).choice(len(clips), size=draw)]
     batches = len(clips) // batch
     if batches == 0:
-      raise ValueError(f"--frames {frames_path}: {len(clips)} clips, fewer than one batch of "
-                       f"{batch}")
+      raise ValueError(f"--frames {frames_path}: {len(clips)} clips"
+                       f"{' drawn' if draw else ''}, fewer than one batch of {batch}")
     clips = clips[:batches * batch]
   else:
     clips = _clips(spec, source, batch * batches)
@@ -304,7 +311,8 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
     r["rlt_overhead_pct"] = 100 * r["rlt_overhead_ms"] / (1e3 * r["forward_s"] / batches)
     r["forward_mfu"] = r["flops"] / r["forward_s"] / peak if peak else None
   return {"variant": variant, "batch": batch, "dtype": dtype, "clips": len(clips),
-          "source": frames_path or source, "threshold": threshold, "device": kind,
+          "source": (f"{frames_path} (drawn with replacement)" if draw else frames_path) or source,
+          "threshold": threshold, "device": kind,
           "kept_fraction": fraction, "kept_min_max": [int(kept.min()), int(kept.max())],
           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}
 
@@ -432,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
                            help="'synthetic' or a TFRecord glob (centre views)")
   clip_source.add_argument("--frames", help="a .npy of uint8 clips (N, T, H, W, 3), e.g. real "
                            "video cut by python -m rlt_jax.benchmark clips")
+  model_parser.add_argument("--draw", type=int, default=0, help="with --frames: draw this many "
+                            "clips with replacement (seed 0), e.g. to fill batches of 32")
   model_parser.add_argument("--threshold", type=float, default=0.1)
   model_parser.add_argument("--batches", type=int, default=4, help="synthetic/TFRecord only")
   model_parser.add_argument("--repeats", type=int, default=3)
@@ -504,13 +514,15 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("batch", "batches", "repeats"):
       if getattr(args, name) < 1:
         parser.error(f"--{name} {getattr(args, name)}: expected ≥ 1")
+    if args.draw < 0 or (args.draw and not args.frames):
+      parser.error(f"--draw {args.draw}: expected a count ≥ 0, with --frames")
     if not (np.isfinite(args.threshold) and args.threshold >= 0):
       parser.error(f"--threshold {args.threshold}: expected a finite number ≥ 0")
     try:
       result = model_benchmark(args.variant, args.batch, args.dtype, args.source, args.frames,
                                args.threshold, args.batches, args.repeats, args.tiny,
                                not args.no_train, args.tome,
-                               tuple(filter(None, args.only.split(","))))
+                               tuple(filter(None, args.only.split(","))), args.draw)
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None
     print_table(result)

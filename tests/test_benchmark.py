@@ -48,3 +48,13 @@ def test_frames_of_the_wrong_shape_are_named(tmp_path):
   spec = vit.ModelSpec.from_variant("tiny", num_classes=4, num_frames=8, image_size=64)
   with pytest.raises(ValueError, match=r"clips.npy: expected uint8 clips \(N, 8, 64, 64, 3\)"):
     benchmark.load_frames(str(path), spec)
+
+
+def test_a_few_real_clips_can_fill_several_batches_by_drawing(tmp_path):
+  path = tmp_path / "clips.npy"
+  np.save(path, np.random.default_rng(0).integers(0, 255, (3, 8, 64, 64, 3), np.uint8))
+  report = benchmark.model_benchmark(tiny=True, frames_path=str(path), draw=8, only=("rlt stream",),
+                                     train_steps=False)
+  assert report["clips"] == 8 and "drawn with replacement" in report["source"]
+  with pytest.raises(ValueError, match="2 clips drawn, fewer than one batch of 4"):
+    benchmark.model_benchmark(tiny=True, frames_path=str(path), draw=2, train_steps=False)
