@@ -124,14 +124,13 @@ def forward_flops(spec: vit.ModelSpec, tokens: np.ndarray, tome: tuple[int, ...]
   patch embedding, qkv/proj/MLP matmuls (linear in n) and the two attention matmuls (n²).
   With ToMe, block l runs on n − r_1 − … − r_{l−1} tokens (its own merge follows attention)."""
   n = np.asarray(tokens, np.float64)
-  d, m = spec.width, spec.mlp_dim
-  flops = 2 * n * spec.tubelet_size * spec.patch_size ** 2 * 3 * d
+  flops = float(np.sum(2 * n * spec.tubelet_size * spec.patch_size ** 2 * 3 * spec.width))
   merged = np.zeros_like(n)
   for layer in range(spec.depth):
     size = np.maximum(n - merged, 1)
-    flops = flops + 2 * size * (4 * d * d + 2 * d * m) + 2 * 2 * size * size * d
+    flops += layout_lib.block_flops(size, spec.width, spec.mlp_dim)
     merged = merged + np.minimum(tome[layer] if layer < len(tome) else 0, size // 2)
-  return float(np.sum(flops))
+  return flops
 
 
 def synthetic_clips(count: int, *, num_frames: int, size: int, seed: int = 0) -> np.ndarray:

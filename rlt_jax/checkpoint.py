@@ -38,6 +38,7 @@ def save_model(directory: str | os.PathLike, params: Any, spec: vit.ModelSpec | 
   """
   from jax.experimental import multihost_utils
   spec = spec if isinstance(spec, vit.ModelSpec) else vit.ModelSpec.from_dict(spec)
+  params = vit.arrange_blocks(params, scan=False)  # the saved format: one blocks_i per block
   target = pathlib.Path(directory).absolute()
   main = jax.process_index() == 0
   if target.exists() and not overwrite:
@@ -169,7 +170,8 @@ class TrainCheckpoints:
         continue
       return restored["state"], restored["data"], step
     raise RuntimeError(f"no checkpoint in {self.directory} can be restored: "
-                       + "; ".join(problems) + ". Move the directory away to start afresh.")
+                       + "; ".join(problems) + ". A changed model (config.model, model.scan "
+                       "included) cannot resume them; move the directory away to start afresh.")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -214,18 +214,25 @@ def pool(x: jax.Array, tokens: TokenBatch) -> jax.Array:
   return sums / jnp.maximum(tokens.kept, 1)[:, None].astype(jnp.float32)
 
 
+def block_flops(slots, width: int, mlp_dim: int, rows=None) -> float:
+  """FLOPs (2 per multiply-add) of one transformer block: the qkv, proj and MLP matmuls on all
+  `slots` (token slots, a count or per-clip counts) and attention's two matmuls on each of the
+  `rows` (row lengths; default: every clip's own tokens, no padding)."""
+  slots = np.asarray(slots, np.float64)
+  rows = slots if rows is None else np.asarray(rows, np.float64)
+  return float(2 * slots.sum() * (4 * width * width + 2 * width * mlp_dim)
+               + 4 * np.sum(rows * rows) * width)
+
+
 def ideal_flops_ratio(counts: np.ndarray, num_tokens: int, width: int, mlp_dim: int) -> float:
   """FLOPs of every clip's own kept tokens over FLOPs of all tokens (per transformer block)."""
-  counts = np.asarray(counts, np.float64)
-  block = lambda n: n * (4 * width * width + 2 * width * mlp_dim) + 2 * n * n * width
-  return float(block(counts).sum() / (len(counts) * block(num_tokens)))
+  counts = np.asarray(counts)
+  return (block_flops(counts, width, mlp_dim)
+          / block_flops(np.full(len(counts), num_tokens), width, mlp_dim))
 
 
 def plan_flops_ratio(plan: Plan, width: int, mlp_dim: int) -> float:
   """FLOPs the plan's static shapes run, over FLOPs of all tokens of its clips."""
   batch = plan.groups * plan.clips
-  token_wise = plan.slots * (4 * width * width + 2 * width * mlp_dim)
-  attention = batch * 2 * plan.capacity ** 2 * width
-  n = plan.num_tokens
-  return float((token_wise + attention) / (batch * (n * (4 * width * width + 2 * width * mlp_dim)
-                                                    + 2 * n * n * width)))
+  return (block_flops(plan.slots, width, mlp_dim, rows=np.full(batch, plan.capacity))
+          / block_flops(np.full(batch, plan.num_tokens), width, mlp_dim))

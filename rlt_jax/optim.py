@@ -2,7 +2,8 @@
 
 The RLT release computes layer-decay factors but its optimizer never applies them; here they
 are applied: layer 0 (patch embedding, tables) gets decay^(depth+1), block i gets
-decay^(depth−i), the head and fc_norm get 1.
+decay^(depth−i), the head and fc_norm get 1. Blocks stacked by `model.scan` (under 'blocks',
+block i at index i of the leading axis) get the same factors slice by slice.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 NO_DECAY_NAMES = ("length_embedding",)
@@ -32,17 +34,27 @@ def _paths(params: Any) -> Any:
       lambda p, _: tuple(getattr(k, "key", str(k)) for k in p), params)
 
 
+def _stacked(path: tuple[str, ...]) -> bool:
+  """A parameter of the blocks stacked by `model.scan` (leading axis: the block)."""
+  return path[0] == "blocks"
+
+
 def layer_scales(params: Any, depth: int, decay: float) -> Any:
-  """The learning-rate multiplier of every parameter."""
-  return jax.tree_util.tree_map(lambda p: decay ** (depth + 1 - layer_id(p, depth)),
-                                _paths(params), is_leaf=lambda x: isinstance(x, tuple))
+  """The learning-rate multiplier of every parameter (an array over blocks if stacked)."""
+  def scale(path, x):
+    if _stacked(path):
+      block = np.arange(depth, dtype=np.float64).reshape((depth,) + (1,) * (x.ndim - 1))
+      return decay ** (depth - block)
+    return decay ** (depth + 1 - layer_id(path, depth))
+  return jax.tree_util.tree_map(scale, _paths(params), params,
+                                is_leaf=lambda x: isinstance(x, tuple))
 
 
 def decay_mask(params: Any) -> Any:
-  """Weight decay on matrices only: not on biases, norms (1-D) or the learned tables."""
-  return jax.tree_util.tree_map(lambda p, x: x.ndim > 1 and p[-1] not in NO_DECAY_NAMES,
-                                _paths(params), params,
-                                is_leaf=lambda x: isinstance(x, tuple))
+  """Weight decay on matrices only: not on biases, norms (1-D per block) or learned tables."""
+  return jax.tree_util.tree_map(
+      lambda p, x: x.ndim - _stacked(p) > 1 and p[-1] not in NO_DECAY_NAMES,
+      _paths(params), params, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def schedule(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int

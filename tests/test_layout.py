@@ -378,3 +378,9 @@ class TestFlops:
     """Attention is quadratic: half the tokens cost between 1/4 and 1/2 of the FLOPs."""
     ratio = layout.ideal_flops_ratio(np.array([784]), 1568, 768, 3072)
     assert 0.25 < ratio < 0.5
+
+  def test_one_block_formula_counts_matmuls_and_attention(self):
+    """ViT-B/16 at 1568 tokens: 2·n·(4d² + 2dm) for the linear layers, 4·n²·d for attention."""
+    n, d, m = 1568, 768, 3072
+    assert layout.block_flops([n], d, m) == 2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d
+    assert layout.block_flops(2 * n, d, m, rows=[n, n]) == 2 * layout.block_flops([n], d, m)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from rlt_jax import augment, optim, sharding, synthetic, train
+from rlt_jax.models import vit
 import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +79,44 @@ def test_layer_decay_is_applied_and_weight_decay_skips_vectors_and_tables():
   assert mask["head"]["kernel"]
 
 
+def test_stacked_blocks_get_the_factors_and_mask_of_their_unrolled_slices():
+  """model.scan stacks block i at index i: the optimizer treats each slice as block i."""
+  params = {"patch_embed": {"kernel": jnp.ones((2, 3))},
+            **{f"blocks_{i}": {"mlp": {"fc1": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}},
+                               "norm1": {"scale": jnp.ones(3)}} for i in range(3)},
+            "head": {"kernel": jnp.ones((3, 8))}}
+  stacked = vit.arrange_blocks(params, scan=True)
+  unrolled_scales = optim.layer_scales(params, depth=3, decay=0.5)
+  scales = optim.layer_scales(stacked, depth=3, decay=0.5)
+  for i in range(3):
+    want = unrolled_scales[f"blocks_{i}"]["mlp"]["fc1"]["kernel"]
+    assert np.all(np.broadcast_to(scales["blocks"]["mlp"]["fc1"]["kernel"], (3, 3, 3))[i]
+                  == want)
+  assert scales["head"]["kernel"] == 1.0 and scales["patch_embed"]["kernel"] == 0.5 ** 4
+  mask = optim.decay_mask(stacked)
+  assert mask["blocks"]["mlp"]["fc1"] == {"kernel": True, "bias": False}
+  assert not mask["blocks"]["norm1"]["scale"]
+
+
+def test_a_scanned_model_trains_exactly_like_unrolled_blocks():
+  """One step with layer decay and weight decay on: same loss, same new parameters."""
+  config = tiny_config.get_config("unused")
+  config.model.update(depth=3, drop_path=0.0)
+  config.optim.layer_decay = 0.75
+  rng = np.random.default_rng(2)
+  batch = {"frames": rng.integers(0, 255, (8, 4, 32, 32, 3), np.uint8),
+           "label": rng.integers(0, 8, 8).astype(np.int32), "valid": np.ones(8, bool)}
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  results = {}
+  for scan in (False, True):
+    config.model.scan = scan
+    state, metrics, _, _ = one_step(mesh, config, batch)
+    results[scan] = vit.arrange_blocks(state["params"], scan=False), metrics["loss"]
+  np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         results[True][0], results[False][0])
+
+
 def test_the_schedule_warms_up_then_decays_to_the_scaled_minimum():
   config = tiny_config.get_config("unused")
   config.batch_size = 512
@@ -111,7 +150,8 @@ def one_step(mesh, config, batch):
   spec = train.model_spec(config)
   model = train.build_model(config, spec, train=True)
   rng = jax.random.PRNGKey(0)
-  params = model.init(rng, train._example_tokens(spec))["params"]
+  params = vit.build(spec).init(rng, train._example_tokens(spec))["params"]  # unrolled …
+  params = vit.arrange_blocks(params, config.model.scan)  # … whatever model.scan says
   tx, lr = optim.make(config, params, depth=spec.depth, total_steps=10, warmup_steps=0)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(3), "rng": rng,
            "bad_step": jnp.int32(-1)}
@@ -217,6 +257,8 @@ def test_fsdp_splits_big_arrays_along_a_divisible_dimension():
     (lambda c: c.data.update(val_views="1x0"), r"val_views='1x0'"),
     (lambda c: c.mesh.update(fsdp=3), r"config.mesh: .*not divisible by 3"),
     (lambda c: c.update(mode="eval"), r"needs config.init_from"),
+    (lambda c: (c.model.update(scan=True), c.tome.update(r=4)), r"config.model.scan=True with "
+     r"config.tome.r=4"),
     (lambda c: c.update(init_from="/nowhere"), r"not a saved rlt_jax model"),
 ])
 def test_a_bad_config_fails_before_compiling(data_dir, change, message):

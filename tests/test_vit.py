@@ -308,6 +308,70 @@ class TestTraining:
     np.testing.assert_allclose(got, model.apply({"params": params}, tokens), atol=1e-5)
 
 
+class TestScan:
+  """model.scan: one scanned block over stacked parameters computes what the unrolled blocks
+  compute; saved models keep one `blocks_i` per block."""
+
+  def test_blocks_stack_under_one_name_and_unstack_exactly(self, params):
+    stacked = vit.arrange_blocks(params, scan=True)
+    assert "blocks" in stacked and not any(k.startswith("blocks_") for k in stacked)
+    assert stacked["blocks"]["mlp"]["fc1"]["kernel"].shape == (
+        SPEC.depth, SPEC.width, SPEC.mlp_dim)
+    fresh = jax.eval_shape(vit.build(SPEC, scan=True).init, jax.random.PRNGKey(0),
+                           full_tokens(jnp.zeros((1, 8, 64, 64, 3))))["params"]
+    assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(stacked)
+    back = vit.arrange_blocks(stacked, scan=False)
+    assert vit.arrange_blocks(back, scan=False).keys() == params.keys()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+
+  @pytest.mark.parametrize("remat", ["none", "full"])
+  def test_scanned_blocks_give_the_logits_and_gradients_of_unrolled_ones(self, params, remat):
+    spec = dataclasses.replace(SPEC, length_embedding=True)
+    unrolled = random_params(spec)
+    frames = rlt.normalize(jnp.asarray(clips(batch=4)))
+    mask = rlt_mask(clips(batch=4))
+    plan = layout.plan(np.asarray(mask.sum(-1)), layout.Layout("stream", capacity_step=8),
+                       num_tokens=N, groups=2)
+    tokens = layout.tokenize(frames, mask, plan, tubelet_size=TS, patch_size=P)
+
+    def grads(model, p):
+      loss = lambda p: jnp.sum(model.apply({"params": p}, tokens, train=True,
+                                           rngs={"dropout": jax.random.PRNGKey(0)}) ** 2)
+      return jax.value_and_grad(loss)(p)
+
+    (want, g_want) = grads(vit.build(spec), unrolled)
+    (got, g_got) = grads(vit.build(spec, scan=True, remat=remat),
+                         vit.arrange_blocks(unrolled, scan=True))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           vit.arrange_blocks(g_got, scan=False), g_want)
+
+  def test_drop_path_acts_in_scanned_blocks(self, params):
+    frames, mask = clips(batch=4), rlt_mask(clips(batch=4))
+    stacked = vit.arrange_blocks(params, scan=True)
+    plan = layout.plan(np.asarray(mask.sum(-1)), layout.Layout("stream", capacity_step=8),
+                       num_tokens=N, groups=1)
+    tokens = layout.tokenize(rlt.normalize(jnp.asarray(frames)), mask, plan, tubelet_size=TS,
+                             patch_size=P)
+    train = vit.build(SPEC, scan=True, drop_path=0.9).apply(
+        {"params": stacked}, tokens, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
+    evaluation = batch_logits(vit.build(SPEC, scan=True), stacked, frames, mask)
+    np.testing.assert_allclose(evaluation, batch_logits(vit.build(SPEC), params, frames, mask),
+                               atol=1e-6)
+    assert np.abs(np.asarray(train) - evaluation).max() > 1e-3
+
+  def test_scan_and_token_merging_together_are_refused(self):
+    with pytest.raises(ValueError, match="model.scan=True with ToMe"):
+      jax.eval_shape(vit.build(SPEC, scan=True, tome=(4, 0)).init, jax.random.PRNGKey(0),
+                     full_tokens(jnp.zeros((1, 8, 64, 64, 3))))
+
+  def test_a_scanned_model_is_saved_with_one_entry_per_block(self, params, tmp_path):
+    checkpoint.save_model(tmp_path / "model", vit.arrange_blocks(params, scan=True), SPEC)
+    spec, loaded = checkpoint.load_model(tmp_path / "model")
+    assert spec == SPEC and f"blocks_{SPEC.depth - 1}" in loaded and "blocks" not in loaded
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+
+
 class TestTokenMerging:
 
   def test_an_all_zero_schedule_is_bitwise_the_plain_model(self, params):

@@ -192,7 +192,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, tokens: layout.TokenBatch | None, deterministic: bool, size=None,
-               merge: int = 0):
+               merge: int = 0, rate=None):
     norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
     attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
     if tokens is not None:  # one draw per clip (index 0: padding), whatever the layout
@@ -204,27 +204,38 @@ class Block(nn.Module):
       owner = lambda y: jnp.broadcast_to(y, x.shape[:2])
       y, keys = attn(norm("norm1")(x), bias=tome.attention_bias(size))
     x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), draws, owner,
-                            deterministic)
+                            deterministic, rate)
     if tokens is None and merge:
       matching = tome.bipartite_soft_matching(tome.metric_from_keys(keys), size > 0, merge)
       x, size = tome.merge(x, size, matching)
     y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
     x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), draws, owner,
-                            deterministic)
+                            deterministic, rate)
     return x if tokens is not None else (x, size)
 
-  def _drop_path(self, y, draws, owner, deterministic):
-    if deterministic or self.drop_path == 0.0:
+  def _drop_path(self, y, draws, owner, deterministic, rate):
+    rate = self.drop_path if rate is None else rate  # a traced scalar under `model.scan`
+    if deterministic or (isinstance(rate, float) and rate == 0.0):
       return y
-    keep = 1.0 - self.drop_path
+    keep = 1.0 - rate
     scale = owner(jax.random.bernoulli(self.make_rng("dropout"), keep, draws).astype(y.dtype))
     return y * (scale / jnp.asarray(keep, y.dtype))[..., None]
+
+
+class _ScanStep(Block):
+  """One step of the scanned block stack (`model.scan`): the drop-path rate arrives as the
+  scanned input, so one block is traced and compiled for all `depth` of them."""
+
+  def __call__(self, x, tokens: layout.TokenBatch, rate, deterministic: bool):
+    return super().__call__(x, tokens, deterministic, None, 0, rate), None
 
 
 class VisionTransformer(nn.Module):
   """VideoMAE-2 ViT over a `layout.TokenBatch`; returns per-clip logits (B, classes) float32.
 
   rngs: 'dropout' for dropout / drop path when training. remat: a `REMAT_POLICIES` name.
+  scan: the blocks as one `nn.scan` with parameters stacked under 'blocks' (one block to trace
+  and compile instead of `depth`: ViT-H/g); saved models stay unrolled (`arrange_blocks`).
   tome: tokens to merge in each block (Token Merging); all zero: off, and the code path is the
   plain one. With ToMe the tokens move to one row per clip first, and each block merges at
   most what `tome.schedule` allows on that batch's rows.
@@ -238,6 +249,7 @@ class VisionTransformer(nn.Module):
   attention: str = "xla"
   remat: str = "none"
   tome: tuple[int, ...] = ()
+  scan: bool = False
 
   def setup(self):
     s = self.spec
@@ -252,12 +264,25 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     if len(self.tome) > s.depth:
       raise ValueError(f"model.tome has {len(self.tome)} entries for {s.depth} blocks")
-    block = Block
-    if self.remat != "none":  # arguments 3 (`deterministic`) and 5 (`merge`) are Python values
-      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(3, 5))
-    rates = np.linspace(0.0, self.drop_path, s.depth)
-    self.blocks = [block(s.num_heads, s.mlp_dim, float(rate), self.dropout, self.dtype,
-                         self.attention, name=f"blocks_{i}") for i, rate in enumerate(rates)]
+    policy = REMAT_POLICIES[self.remat]
+    if self.scan:
+      if any(self.tome):
+        raise ValueError("model.scan=True with ToMe: ToMe changes the token count from block "
+                         "to block, a scan runs one shape through all; turn one of them off")
+      step = _ScanStep
+      if self.remat != "none":  # argument 4 (`deterministic`) is a Python value
+        step = nn.remat(_ScanStep, policy=policy, static_argnums=(4,), prevent_cse=False)
+      self.blocks = nn.scan(step, variable_axes={"params": 0}, length=s.depth,
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, 0, nn.broadcast))(
+          s.num_heads, s.mlp_dim, 0.0, self.dropout, self.dtype, self.attention, name="blocks")
+    else:
+      block = Block
+      if self.remat != "none":  # arguments 3 (`deterministic`) and 5 (`merge`) are Python values
+        block = nn.remat(Block, policy=policy, static_argnums=(3, 5))
+      self.blocks = [block(s.num_heads, s.mlp_dim, float(rate), self.dropout, self.dtype,
+                           self.attention, name=f"blocks_{i}")
+                     for i, rate in enumerate(self._drop_path_rates())]
     self.fc_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="fc_norm")
     self.head_drop = nn.Dropout(self.head_dropout)
     scaled = lambda init: lambda *a: init(*a) * self.head_init_scale
@@ -275,7 +300,10 @@ class VisionTransformer(nn.Module):
       x = x + jnp.where(lengths[..., None] > 0, jnp.asarray(self.length_table)[jnp.maximum(lengths - 1, 0)],
                         0.0)
     x = x.astype(self.dtype)
-    if not any(self.tome):
+    if self.scan:
+      x, _ = self.blocks(x, tokens, jnp.asarray(self._drop_path_rates(), jnp.float32), not train)
+      pooled = layout.pool(x, tokens)
+    elif not any(self.tome):
       for block in self.blocks:  # every argument positional: remat's static_argnums count them
         x = block(x, tokens, not train, None, 0)
       pooled = layout.pool(x, tokens)
@@ -288,6 +316,27 @@ class VisionTransformer(nn.Module):
         x, size = block(x, None, not train, size, merge)
       pooled = tome.weighted_mean(x, size)
     return self.head(self.head_drop(self.fc_norm(pooled), not train))
+
+
+  def _drop_path_rates(self) -> np.ndarray:
+    return np.linspace(0.0, self.drop_path, self.spec.depth)
+
+
+def arrange_blocks(params: Any, scan: bool) -> Any:
+  """The same parameters with blocks as `model.scan` wants them: stacked under 'blocks'
+  (scan=True) or one `blocks_i` per block (scan=False, the saved format). Either way in."""
+  params = dict(params)
+  if scan and "blocks_0" in params:
+    depth = sum(1 for key in params if key.startswith("blocks_"))
+    blocks = [params.pop(f"blocks_{i}") for i in range(depth)]
+    stack = jnp.stack if isinstance(jax.tree_util.tree_leaves(blocks)[0], jax.Array) else np.stack
+    params["blocks"] = jax.tree_util.tree_map(lambda *xs: stack(xs), *blocks)
+  elif not scan and "blocks" in params:
+    blocks = params.pop("blocks")
+    depth = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+    for i in range(depth):
+      params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], blocks)
+  return params
 
 
 def build(spec: ModelSpec, *, dtype: str = "float32", **runtime) -> VisionTransformer:
