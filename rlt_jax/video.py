@@ -134,7 +134,7 @@ def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
 def decode_jpeg(data: bytes) -> np.ndarray:
   image = Image.open(io.BytesIO(data))
   image.load()  # raises on truncated data rather than returning grey
-  return np.asarray(image.convert("RGB"))
+  return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def clip_indices(num_frames: int, start: float, clip_len: int, stride: float) -> np.ndarray:

@@ -104,6 +104,16 @@ def test_flipping_follows_the_dataset_config(data):
   assert 5 < sum(flipped) < 35
 
 
+def test_a_whole_frame_at_the_model_size_is_used_as_decoded():
+  rng = np.random.default_rng(0)
+  jpegs = [video.encode_jpeg(rng.integers(0, 255, (32, 32, 3), np.uint8), 90) for _ in range(8)]
+  record = dmvr.VideoRecord(jpegs, 0)
+  whole = dataclasses.replace(SAMPLING, min_area=1.0, max_area=1.0, flip=False)
+  clip = input_pipeline.train_clip(record, np.random.default_rng(1), whole)
+  decoded = [video.decode_jpeg(j) for j in jpegs]
+  assert all(any(np.array_equal(frame, d) for d in decoded) for frame in clip)  # no resampling
+
+
 def test_random_resized_crops_respect_area_and_ratio():
   rng = np.random.default_rng(0)
   for _ in range(200):
