@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.eval_batch_size = 80
   c.num_epochs = 30.0          # 75 steps per epoch
   c.warmup_epochs = 1.0
-  c.optim.update(lr=1.6e-2, layer_decay=1.0)  # 2e-3 at batch 32; trained from scratch
+  c.optim.update(lr=3.2e-2, layer_decay=1.0)  # 4e-3 at batch 32; trained from scratch
   c.augment.update(mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0)
   c.log_every = 150
   c.checkpoint_every = 750

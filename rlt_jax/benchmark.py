@@ -5,6 +5,7 @@
         [--frames clips.npy [--draw N] | --source synthetic|DATA_GLOB] [--threshold 0.1] [--tome R]
         [--no_train] [--tiny] [--output results.json]
     python -m rlt_jax.benchmark data [--videos 8] [--seconds 10]
+    python -m rlt_jax.benchmark compile [--variant L/16] [--remat full]
 
 `model`: forward (inference, `forward.Forward`) and train-step (the trainer's own
 `train.TrainStep`: augmentation, forward, backward, AdamW) throughput for: all tokens; RLT in
@@ -16,6 +17,9 @@ inflate it), efficiency = achieved / ideal, RLT's own overhead (normalise + mask
 and % of the forward pass), compiled shapes, and MFU where the device's peak is known.
 Warm-up excluded, device synchronised, medians over repeats. `--tiny` runs a small model on
 small clips (CPU, < 1 min) and asserts nothing about speed.
+
+`compile`: seconds to compile one training forward + backward (one clip of all tokens, bf16)
+with the blocks unrolled and with `model.scan`, which traces and compiles one block for all.
 
 `data`: the TFRecord converter (videos/s) and the training input pipeline (16 × 224² clips at
 stride 4 from 256-short-side JPEG frames, random resized crop + flip) on generated H.264
@@ -383,6 +387,19 @@ def print_table(report: dict) -> None:
           f"{r['rlt_overhead_pct']:6.1f} {mfu:>5s} {r['compilations']:6d}")
 
 
+def compile_seconds(variant: str, *, scan: bool, remat: str = "full") -> float:
+  """Seconds to lower and compile a training forward + backward of `variant` on one clip."""
+  spec = vit.ModelSpec.from_variant(variant, num_classes=400)
+  model = vit.build(spec, dtype="bfloat16", remat=remat, scan=scan, drop_path=0.1)
+  tokens = train_lib._example_tokens(spec)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
+  loss = lambda p, t: model.apply({"params": p}, t, train=True,
+                                  rngs={"dropout": jax.random.PRNGKey(0)}).sum()
+  start = time.perf_counter()
+  jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+  return time.perf_counter() - start
+
+
 def layout_ceiling(counts: np.ndarray, spec: vit.ModelSpec, *, batch: int, groups: int = 1,
                    window: int = 16, population: int = 4096, seed: int = 0) -> list[dict]:
   """The efficiency ceiling of each layout from the FLOP count alone (no timing).
@@ -467,6 +484,9 @@ def main(argv: list[str] | None = None) -> None:
   ceiling_parser.add_argument("--window", type=int, default=16, help="batches sorted together")
   ceiling_parser.add_argument("--threshold", type=float, default=0.1)
   ceiling_parser.add_argument("--output", help="also write the results as JSON here")
+  compile_parser = sub.add_parser("compile", help="compile time, unrolled vs scanned blocks")
+  compile_parser.add_argument("--variant", default="L/16", choices=sorted(vit.VARIANTS))
+  compile_parser.add_argument("--remat", default="full", choices=sorted(vit.REMAT_POLICIES))
   data_parser = sub.add_parser("data", help="converter and input pipeline throughput")
   data_parser.add_argument("--videos", type=int, default=8)
   data_parser.add_argument("--seconds", type=float, default=10.0)
@@ -525,6 +545,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None
     print_table(result)
+  elif args.what == "compile":
+    seconds = {scan: compile_seconds(args.variant, scan=scan, remat=args.remat)
+               for scan in (False, True)}
+    print(f"{args.variant} (remat {args.remat}), training forward + backward on one clip, "
+          f"{jax.devices()[0].device_kind}, jax {jax.__version__}: compiled in "
+          f"{seconds[False]:.1f} s unrolled, {seconds[True]:.1f} s with model.scan")
   elif args.what == "data":
     result = data(args.videos, args.seconds)
     for key, value in result.items():

@@ -58,3 +58,8 @@ def test_a_few_real_clips_can_fill_several_batches_by_drawing(tmp_path):
   assert report["clips"] == 8 and "drawn with replacement" in report["source"]
   with pytest.raises(ValueError, match="2 clips drawn, fewer than one batch of 4"):
     benchmark.model_benchmark(tiny=True, frames_path=str(path), draw=2, train_steps=False)
+
+
+def test_compile_time_is_measured_for_unrolled_and_scanned_blocks():
+  assert benchmark.compile_seconds("tiny", scan=False) > 0
+  assert benchmark.compile_seconds("tiny", scan=True, remat="none") > 0
