@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
   compile_parser = sub.add_parser("compile", help="compile time, unrolled vs scanned blocks")
   compile_parser.add_argument("--variant", default="L/16", choices=sorted(vit.VARIANTS))
   compile_parser.add_argument("--remat", default="full", choices=sorted(vit.REMAT_POLICIES))
+  compile_parser.add_argument("--output", help="also write the results as JSON here")
   data_parser = sub.add_parser("data", help="converter and input pipeline throughput")
   data_parser.add_argument("--videos", type=int, default=8)
   data_parser.add_argument("--seconds", type=float, default=10.0)
@@ -546,11 +547,13 @@ def main(argv: list[str] | None = None) -> None:
       raise SystemExit(f"error: {e}") from None
     print_table(result)
   elif args.what == "compile":
-    seconds = {scan: compile_seconds(args.variant, scan=scan, remat=args.remat)
-               for scan in (False, True)}
+    result = {"variant": args.variant, "remat": args.remat, "jax": jax.__version__,
+              "device": jax.devices()[0].device_kind,
+              **{f"{name}_s": compile_seconds(args.variant, scan=scan, remat=args.remat)
+                 for name, scan in (("unrolled", False), ("scan", True))}}
     print(f"{args.variant} (remat {args.remat}), training forward + backward on one clip, "
-          f"{jax.devices()[0].device_kind}, jax {jax.__version__}: compiled in "
-          f"{seconds[False]:.1f} s unrolled, {seconds[True]:.1f} s with model.scan")
+          f"{result['device']}, jax {jax.__version__}: compiled in {result['unrolled_s']:.1f} s "
+          f"unrolled, {result['scan_s']:.1f} s with model.scan")
   elif args.what == "data":
     result = data(args.videos, args.seconds)
     for key, value in result.items():

@@ -365,8 +365,7 @@ def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: in
     views = sampling.views[0] * sampling.views[1]
     ds = grain.MapDataset.source(_Views(source, views, process_index, process_count,
                                         batch_size)).map(transform)
-  # threads beyond the host's cores only fight over the GIL (on 2 cores, 16 threads took 27%
-  # more CPU per demo batch than 2)
+  # threads beyond the host's cores only fight over the GIL
   read = grain.ReadOptions(num_threads=min(16, prefetch * batch_size, os.cpu_count() or 1),
                            prefetch_buffer_size=prefetch * batch_size)
   ds = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=mode == "train")
