@@ -52,7 +52,7 @@ def base(variant: str = "B/16", dataset: str = "k400", *, rlt: bool = False
       dtype="bfloat16",        # activations: float32 | bfloat16 | float16 (params stay fp32)
       attention="auto",        # xla | cudnn | splash | auto (see models/attention.py)
       remat="none",            # none | full | dots: recompute blocks in the backward pass
-      scan=False,              # one nn.scan over the blocks: traced and compiled once, not per block
+      scan=False,              # one nn.scan over the blocks: compile one block, not depth
       dropout=0.0,             # inside blocks
       drop_path=0.1,           # stochastic depth, linear over depth, one draw per clip
       head_dropout=0.0,        # before the head

@@ -301,7 +301,8 @@ class VisionTransformer(nn.Module):
                         0.0)
     x = x.astype(self.dtype)
     if self.scan:
-      x, _ = self.blocks(x, tokens, jnp.asarray(self._drop_path_rates(), jnp.float32), not train)
+      rates = jnp.asarray(self._drop_path_rates(), jnp.float32)  # one per block, scanned over
+      x, _ = self.blocks(x, tokens, rates, not train)
       pooled = layout.pool(x, tokens)
     elif not any(self.tome):
       for block in self.blocks:  # every argument positional: remat's static_argnums count them
@@ -317,7 +318,6 @@ class VisionTransformer(nn.Module):
       pooled = tome.weighted_mean(x, size)
     return self.head(self.head_drop(self.fc_norm(pooled), not train))
 
-
   def _drop_path_rates(self) -> np.ndarray:
     return np.linspace(0.0, self.drop_path, self.spec.depth)
 
@@ -329,8 +329,9 @@ def arrange_blocks(params: Any, scan: bool) -> Any:
   if scan and "blocks_0" in params:
     depth = sum(1 for key in params if key.startswith("blocks_"))
     blocks = [params.pop(f"blocks_{i}") for i in range(depth)]
-    stack = jnp.stack if isinstance(jax.tree_util.tree_leaves(blocks)[0], jax.Array) else np.stack
-    params["blocks"] = jax.tree_util.tree_map(lambda *xs: stack(xs), *blocks)
+    on_device = isinstance(jax.tree_util.tree_leaves(blocks)[0], jax.Array)
+    params["blocks"] = jax.tree_util.tree_map(
+        lambda *xs: jnp.stack(xs) if on_device else np.stack(xs), *blocks)
   elif not scan and "blocks" in params:
     blocks = params.pop("blocks")
     depth = jax.tree_util.tree_leaves(blocks)[0].shape[0]
