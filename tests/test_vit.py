@@ -84,6 +84,17 @@ def batch_logits(model, params, frames, mask, kind="stream"):
   return np.asarray(run(model, params, rlt.normalize(jnp.asarray(frames)), mask, plan))
 
 
+def stream_with_length_embedding():
+  """(spec, random params, tokens): four clips in a stream with padding, length embedding on."""
+  spec = dataclasses.replace(SPEC, length_embedding=True)
+  frames = rlt.normalize(jnp.asarray(clips(batch=4)))
+  mask = rlt_mask(clips(batch=4))
+  plan = layout.plan(np.asarray(mask.sum(-1)), layout.Layout("stream", capacity_step=8),
+                     num_tokens=N, groups=2)
+  tokens = layout.tokenize(frames, mask, plan, tubelet_size=TS, patch_size=P)
+  return spec, random_params(spec), tokens
+
+
 class TestArchitecture:
 
   @pytest.mark.parametrize("name,millions", [("S/16", 22.0), ("B/16", 86.5), ("L/16", 304.3),
@@ -222,13 +233,7 @@ class TestTraining:
   def gradients(self):
     """Logits and gradients (params, patches) of one training step, per remat policy: four
     clips in a stream with padding, length embedding and drop path on."""
-    spec = dataclasses.replace(SPEC, length_embedding=True)
-    params = random_params(spec)
-    frames = rlt.normalize(jnp.asarray(clips(batch=4)))
-    mask = rlt_mask(clips(batch=4))
-    plan = layout.plan(np.asarray(mask.sum(-1)), layout.Layout("stream", capacity_step=8),
-                       num_tokens=N, groups=2)
-    tokens = layout.tokenize(frames, mask, plan, tubelet_size=TS, patch_size=P)
+    spec, params, tokens = stream_with_length_embedding()
 
     @jax.jit
     def step(params, patches):
@@ -325,14 +330,8 @@ class TestScan:
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
 
   @pytest.mark.parametrize("remat", ["none", "full"])
-  def test_scanned_blocks_give_the_logits_and_gradients_of_unrolled_ones(self, params, remat):
-    spec = dataclasses.replace(SPEC, length_embedding=True)
-    unrolled = random_params(spec)
-    frames = rlt.normalize(jnp.asarray(clips(batch=4)))
-    mask = rlt_mask(clips(batch=4))
-    plan = layout.plan(np.asarray(mask.sum(-1)), layout.Layout("stream", capacity_step=8),
-                       num_tokens=N, groups=2)
-    tokens = layout.tokenize(frames, mask, plan, tubelet_size=TS, patch_size=P)
+  def test_scanned_blocks_give_the_logits_and_gradients_of_unrolled_ones(self, remat):
+    spec, unrolled, tokens = stream_with_length_embedding()
 
     def grads(model, p):
       loss = lambda p: jnp.sum(model.apply({"params": p}, tokens, train=True,
