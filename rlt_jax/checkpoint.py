@@ -125,6 +125,17 @@ def check_params(params: Any, expected: Any, source: str) -> None:
     raise ValueError(f"{source}: parameters do not fit the model: " + "; ".join(problems))
 
 
+class _IteratorState:
+  """A data iterator's state captured earlier, in the form grain's checkpoint handler saves
+  (it calls `get_state()` of anything that is not a grain iterator and expects bytes)."""
+
+  def __init__(self, state: dict[str, Any]):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._state, indent=4).encode()
+
+
 class TrainCheckpoints:
   """Orbax CheckpointManager of the train state (params, optimizer, step, RNG) and the grain
   iterator's state (one JSON per process), saved asynchronously, the last `keep` kept. A
@@ -146,9 +157,13 @@ class TrainCheckpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, iterator: Any, force: bool = False) -> None:
+  def save(self, step: int, state: Any, iterator_state: dict[str, Any],
+           force: bool = False) -> None:
+    """Saves `state` and the data iterator's state before step `step`'s batch (the trainer
+    reads a batch ahead, so it passes the state it captured then, not the current one)."""
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=self._grain.checkpoint.CheckpointSave(iterator)),
+        state=ocp.args.StandardSave(state),
+        data=self._grain.checkpoint.CheckpointSave(_IteratorState(iterator_state))),
         force=force)
 
   def restore(self, abstract_state: Any, shardings: Any, iterator: Any):

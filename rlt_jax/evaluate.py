@@ -56,9 +56,9 @@ class Evaluator:
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = tqdm.tqdm(desc=description, unit="batch", total=total, leave=False,
                     disable=jax.process_index() != 0 or None)
-    for local in regroup(batches, sort_window):
-      batch = sharding.global_batch(self.mesh, local)
-      logits, counts, _ = self.forward(params, batch["frames"], batch["valid"])
+    global_batches = (sharding.global_batch(self.mesh, local)
+                      for local in regroup(batches, sort_window))
+    for batch, logits, counts, _ in self.forward.map(params, global_batches):
       out = jax.device_get({"logits": logits, **{k: _replicated(batch[k]) for k in
                                                   ("label", "index", "valid", "error")}})
       valid = out["valid"].astype(bool) & (out["label"] >= 0) & (out["label"] < num_classes)

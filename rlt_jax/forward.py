@@ -2,21 +2,21 @@
 
 Phase 1 (jit): normalise uint8 frames (the one place inference normalises) and apply the
 policy: the keep mask stays on device, the exact kept counts (B,) come to the host. The host
-`layout.plan`s the static sizes; phase 2 (jit, one compilation per plan) tokenises and runs
-the model. Evaluation, predict and the benchmark all run through `Forward`.
+`layout.plan`s the static sizes; phase 2 (compiled once per plan) tokenises and runs the
+model. Both run through the shared `two_phase.TwoPhase` driver. Evaluation, predict and the
+benchmark all run through `Forward`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlt_jax import layout, rlt, sharding
+from rlt_jax import layout, rlt, sharding, two_phase
 from rlt_jax.models import vit
 
 
@@ -44,18 +44,43 @@ class Forward:
     self.model, self.policy, self.layout, self.mesh = model, policy, token_layout, mesh
     self.spec = model.spec
     self.groups = batch_groups(mesh)
-    self.plans: set[layout.Plan] = set()
     replicated = None if mesh is None else NamedSharding(mesh, P())
     batch = None if mesh is None else sharding.batch_sharding(mesh)
-    self._select = jax.jit(
-        lambda frames, valid, rng: select(frames, policy, self.spec, rng=rng, valid=valid),
-        out_shardings=None if mesh is None else (batch, batch, replicated))
-    self._run = jax.jit(self._logits, static_argnums=3, out_shardings=replicated)
+    self.driver = two_phase.TwoPhase(
+        self._select, self._logits, self._plan, mesh=mesh,
+        first_shardings=None if mesh is None else ((batch, batch), replicated),
+        second_shardings=replicated)
 
-  def _logits(self, params, frames, mask, plan):
+  @property
+  def plans(self) -> set[layout.Plan]:
+    return self.driver.plans
+
+  def _select(self, frames, valid, rng):
+    normalised, mask, counts = select(frames, self.policy, self.spec, rng=rng, valid=valid)
+    # the patch embedding casts its input to the model's dtype: casting here halves phase 2's
+    # input (bf16) and changes nothing; the mask was decided on float32 values
+    return (normalised.astype(self.model.dtype), mask), counts
+
+  def _plan(self, counts: np.ndarray) -> layout.Plan:
+    return layout.plan(counts, self.layout, num_tokens=self.spec.num_tokens, groups=self.groups)
+
+  def _logits(self, params, prepared, plan):
+    frames, mask = prepared
     tokens = layout.tokenize(frames, mask, plan, tubelet_size=self.spec.tubelet_size,
                              patch_size=self.spec.patch_size)
     return self.model.apply({"params": params}, tokens)
+
+  def begin(self, frames: jax.Array | np.ndarray, valid: jax.Array | np.ndarray | None = None,
+            rng: jax.Array | None = None) -> two_phase.Pending:
+    """Phase 1 dispatched (normalise, mask, counts); `finish` runs the model."""
+    if valid is None:
+      valid = np.ones(frames.shape[0], bool)
+    return self.driver.begin(frames, valid, jax.random.PRNGKey(0) if rng is None else rng)
+
+  def finish(self, params: Any, pending: two_phase.Pending
+             ) -> tuple[jax.Array, np.ndarray, layout.Plan]:
+    logits, plan = self.driver.finish(params, pending)
+    return logits, pending.host_counts(), plan
 
   def __call__(self, params: Any, frames: jax.Array | np.ndarray,
                valid: jax.Array | np.ndarray | None = None,
@@ -64,21 +89,20 @@ class Forward:
 
     `frames` may be a global array already sharded over the mesh's batch axes.
     """
-    if valid is None:
-      valid = np.ones(frames.shape[0], bool)
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    with _mesh(self.mesh):
-      normalised, mask, counts = self._select(frames, valid, rng)
-      counts = np.asarray(counts)
-      plan = layout.plan(counts, self.layout, num_tokens=self.spec.num_tokens,
-                         groups=self.groups)
-      self.plans.add(plan)
-      return self._run(params, normalised, mask, plan), counts, plan
+    return self.finish(params, self.begin(frames, valid, rng))
 
-
-def _mesh(mesh: jax.sharding.Mesh | None):
-  """`jax.set_mesh(mesh)` (kernels such as splash shard_map over it), or nothing."""
-  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+  def map(self, params: Any, batches: Iterable[dict[str, Any]]
+          ) -> Iterator[tuple[dict[str, Any], jax.Array, np.ndarray, layout.Plan]]:
+    """(batch, logits, counts, plan) for each batch of "frames" and "valid", in order; phase 1
+    of the next batch is dispatched before phase 2 of this one, so planning overlaps work."""
+    previous = None
+    for batch in batches:
+      pending = self.begin(batch["frames"], batch.get("valid"))
+      if previous is not None:
+        yield previous[0], *self.finish(params, previous[1])
+      previous = batch, pending
+    if previous is not None:
+      yield previous[0], *self.finish(params, previous[1])
 
 
 def order_by_cost(counts: np.ndarray) -> np.ndarray:

@@ -81,20 +81,38 @@ def round_up(value: int, step: int) -> int:
   return -(-value // step) * step
 
 
+def split_micro_batches(x, k: int):
+  """(B, ...) → (k, B/k, ...): micro-batch j holds rows j, j + k, …, so that every device
+  holds part of each (numpy or jax arrays). The one definition of the split."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return xp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1)
+
+
+def merge_micro_batches(x: jax.Array) -> jax.Array:
+  """The inverse of `split_micro_batches`: (k, B/k, ...) → (B, ...)."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def needs(counts: np.ndarray, *, groups: int, micro_batches: int = 1) -> tuple[int, int, int]:
+  """(clips per group, stream slots, row slots) that these exact kept counts need: the largest
+  group's total and the largest clip (host side, numpy)."""
+  counts = np.asarray(counts, np.int64)
+  if counts.ndim != 1 or counts.shape[0] % (groups * micro_batches):
+    raise ValueError(f"a batch of {counts.shape[0]} clips does not split into {groups} groups "
+                     f"× {micro_batches} micro-batches")
+  clips = counts.shape[0] // (groups * micro_batches)
+  per_group = split_micro_batches(counts, micro_batches).reshape(micro_batches, groups, clips)
+  return clips, int(per_group.sum(-1).max(initial=0)), int(counts.max(initial=0))
+
+
 def plan(counts: np.ndarray, layout: Layout, *, num_tokens: int, groups: int,
          micro_batches: int = 1) -> Plan:
-  """The static sizes that hold these exact kept counts (host side, numpy).
+  """The smallest static sizes of `layout` that hold these exact kept counts (host side).
 
-  `counts` (B,) are in global batch order; rows j, j+k, … form micro-batch j of k (as the
-  train step splits them) and each micro-batch is cut into `groups` contiguous groups.
+  `counts` (B,) are in global batch order; rows j, j+k, … form micro-batch j of k
+  (`split_micro_batches`) and each micro-batch is cut into `groups` contiguous groups.
   """
-  counts = np.asarray(counts, np.int64)
-  batch = counts.shape[0]
-  if batch % (groups * micro_batches):
-    raise ValueError(f"a batch of {batch} clips does not split into {groups} groups × "
-                     f"{micro_batches} micro-batches")
-  clips = batch // (groups * micro_batches)
-  most = int(counts.max(initial=0))
+  clips, slots, most = needs(counts, groups=groups, micro_batches=micro_batches)
   if layout.capacity is not None:
     if most > layout.capacity:
       raise OverflowError(
@@ -106,10 +124,81 @@ def plan(counts: np.ndarray, layout: Layout, *, num_tokens: int, groups: int,
   if layout.kind == "padded":
     length = clips * capacity
   else:
-    per_group = counts.reshape(-1, micro_batches).T.reshape(micro_batches, groups, clips)
     step = max(1, -(-clips * num_tokens // layout.stream_buckets))
-    length = min(max(round_up(int(per_group.sum(-1).max()), step), step), clips * num_tokens)
+    length = min(max(round_up(slots, step), step), clips * num_tokens)
   return Plan(layout.kind, groups, clips, length, capacity, num_tokens)
+
+
+def plan_flops(plan: Plan, width: int, mlp_dim: int) -> float:
+  """FLOPs of one block at the plan's static shapes (token-wise layers on every slot,
+  attention on every clip row)."""
+  return block_flops(plan.slots, width, mlp_dim,
+                     rows=np.full(plan.groups * plan.clips, plan.capacity))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeSet:
+  """A run's static shapes, fixed before it starts, so that it compiles each once.
+
+  Each batch runs at the cheapest plan that holds its counts. The last plan holds every token
+  of every clip, so no batch ever falls outside the set and no token is ever dropped.
+  """
+  plans: tuple[Plan, ...]  # cheapest first; the last holds any batch
+
+  def fit(self, counts: np.ndarray) -> Plan:
+    first = self.plans[0]
+    _, slots, most = needs(counts, groups=first.groups,
+                           micro_batches=len(counts) // (first.groups * first.clips))
+    for p in self.plans:
+      if p.capacity >= most and (p.kind == "padded" or p.length >= slots):
+        return p
+    raise OverflowError(f"a clip keeps {most} tokens, more than the largest planned row of "
+                        f"{self.plans[-1].capacity} (layout.capacity)")
+
+  def to_json(self) -> list[dict]:
+    return [dataclasses.asdict(p) for p in self.plans]
+
+  @classmethod
+  def from_json(cls, plans: list[dict]) -> "ShapeSet":
+    return cls(tuple(Plan(**p) for p in plans))
+
+
+def choose_shapes(samples: list[np.ndarray], layout: Layout, *, num_tokens: int, groups: int,
+                  micro_batches: int = 1, max_shapes: int = 16, width: int, mlp_dim: int
+                  ) -> ShapeSet:
+  """At most `max_shapes` plans that run these sample batches' counts in the fewest FLOPs.
+
+  Greedy: start from the plan that holds anything (every token of every clip), then add, one
+  at a time, the candidate that saves the most FLOPs over the samples; candidates combine
+  every stream length and row capacity the samples' own exact plans use.
+  """
+  if max_shapes < 1:
+    raise ValueError(f"layout.shapes={max_shapes!r}: expected a positive int")
+  exact = [plan(c, layout, num_tokens=num_tokens, groups=groups, micro_batches=micro_batches)
+           for c in samples]
+  first = exact[0]
+  full_capacity = layout.capacity or num_tokens
+  full = Plan(layout.kind, groups, first.clips,
+              first.clips * (full_capacity if layout.kind == "padded" else num_tokens),
+              full_capacity, num_tokens)
+  candidates = {dataclasses.replace(full, length=length, capacity=capacity)
+                for length in {p.length for p in exact} for capacity in {p.capacity for p in exact}
+                if layout.kind == "stream" or length == first.clips * capacity} - {full}
+  cost = {p: plan_flops(p, width, mlp_dim) for p in candidates | {full}}
+  holds = {p: np.array([q.length <= p.length and q.capacity <= p.capacity for q in exact])
+           for p in candidates}
+  best = np.full(len(exact), cost[full])
+  chosen = [full]
+  while len(chosen) < max_shapes and candidates:
+    gains = {p: float(np.sum(np.where(holds[p], np.maximum(best - cost[p], 0), 0)))
+             for p in candidates}
+    pick = max(gains, key=lambda p: (gains[p], -cost[p]))
+    if gains[pick] <= 0:
+      break
+    best = np.where(holds[pick], np.minimum(best, cost[pick]), best)
+    chosen.append(pick)
+    candidates.discard(pick)
+  return ShapeSet(tuple(sorted(chosen, key=lambda p: cost[p])))
 
 
 @flax.struct.dataclass
@@ -185,13 +274,35 @@ def tokenize(frames: jax.Array, mask: jax.Array, plan: Plan, *, tubelet_size: in
   return tokens.replace(rows=rows, slots=slots)
 
 
+@jax.custom_vjp
+def _permute(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """out[g, k] = x[g, index[g, k]], zero where the index is out of range (padding).
+
+  `index` and `inverse` are one-to-one inverses on the entries that hold tokens, so the
+  transpose (the backward pass) is the same gather with `inverse`: no scatter-add, whose
+  padding entries would all add into one slot (serialised atomics on a GPU).
+  """
+  return jax.vmap(lambda xg, i: xg.at[i].get(mode="fill", fill_value=0))(x, index)
+
+
+def _permute_forward(x, index, inverse):
+  return _permute(x, index, inverse), (index, inverse)
+
+
+def _permute_backward(residuals, g):
+  index, inverse = residuals
+  return _permute(g, inverse, index), None, None
+
+
+_permute.defvjp(_permute_forward, _permute_backward)
+
+
 def to_rows(x: jax.Array, tokens: TokenBatch) -> jax.Array:
-  """(G, L, ...) slots → (G·b, C, ...) one row per clip, valid slots first."""
+  """(G, L, ...) slots → (G·b, C, ...) one row per clip, valid slots first (padding zero)."""
   p = tokens.plan
   if p.kind == "padded":
     return x.reshape(p.groups * p.clips, p.capacity, *x.shape[2:])
-  x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
-  rows = jax.vmap(lambda xg, i: xg[i])(x, tokens.rows)
+  rows = _permute(x, tokens.rows.reshape(p.groups, -1), tokens.slots)
   return rows.reshape(p.groups * p.clips, p.capacity, *x.shape[2:])
 
 
@@ -201,8 +312,7 @@ def from_rows(y: jax.Array, tokens: TokenBatch) -> jax.Array:
   if p.kind == "padded":
     return y.reshape(p.groups, p.length, *y.shape[2:])
   y = y.reshape(p.groups, p.clips * p.capacity, *y.shape[2:])
-  y = jnp.concatenate([y, jnp.zeros_like(y[:, :1])], axis=1)
-  return jax.vmap(lambda yg, i: yg[i])(y, tokens.slots)
+  return _permute(y, tokens.slots, tokens.rows.reshape(p.groups, -1))
 
 
 def pool(x: jax.Array, tokens: TokenBatch) -> jax.Array:
@@ -234,5 +344,5 @@ def ideal_flops_ratio(counts: np.ndarray, num_tokens: int, width: int, mlp_dim: 
 def plan_flops_ratio(plan: Plan, width: int, mlp_dim: int) -> float:
   """FLOPs the plan's static shapes run, over FLOPs of all tokens of its clips."""
   batch = plan.groups * plan.clips
-  return (block_flops(plan.slots, width, mlp_dim, rows=np.full(batch, plan.capacity))
-          / block_flops(np.full(batch, plan.num_tokens), width, mlp_dim))
+  return plan_flops(plan, width, mlp_dim) / block_flops(np.full(batch, plan.num_tokens), width,
+                                                        mlp_dim)

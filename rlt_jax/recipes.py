@@ -73,6 +73,10 @@ def base(variant: str = "B/16", dataset: str = "k400", *, rlt: bool = False
       kind="stream",           # stream | padded: how kept tokens sit in static shapes
       capacity_step=128,       # per-clip attention rows are multiples of this
       stream_buckets=16,       # stream lengths are multiples of 1/this of all tokens
+      shapes=16,               # RLT training: at most this many static shapes, chosen before
+                               # the first step from the first batches' kept counts (0: plan
+                               # each batch exactly, compiling every new shape as it comes)
+      calibration_batches=16,  # batches whose kept counts choose those shapes
   ))
   c.layout.capacity = placeholder(int)  # a fixed row capacity; a clip keeping more: error
 

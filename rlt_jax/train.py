@@ -28,7 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlt_jax import (augment, checkpoint, console, evaluate, files, forward, input_pipeline,
-                     layout, optim, rlt, sharding, synthetic, video)
+                     layout, optim, rlt, sharding, synthetic, two_phase, video)
 from rlt_jax.models import tome, vit
 
 
@@ -120,6 +120,10 @@ def check(config: ml_collections.ConfigDict, *, files_too: bool = True) -> vit.M
       make(config)
     except (ValueError, TypeError) as e:
       raise ConfigError(f"config.{name}: {e}") from None
+  for name, least in (("shapes", 0), ("calibration_batches", 1)):
+    value = config.layout[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      raise ConfigError(f"config.layout.{name}={value!r}: expected an integer ≥ {least}")
   if not isinstance(config.tome.r, int) or config.tome.r < 0:
     raise ConfigError(f"config.tome.r={config.tome.r!r}: expected an integer ≥ 0")
   parse_views(config.data.val_views, "config.data.val_views")
@@ -184,9 +188,11 @@ class TrainStep:
   """state, global batch → state, metrics, in two phases around a host plan.
 
   Phase 1 (`prepare`): normalise, mix, erase, apply the token policy; the exact kept counts
-  come to the host, which plans the static token layout. Phase 2 (`update`, one compilation
-  per plan): tokenise, forward, backward, AdamW. Non-finite losses skip the update and are
-  recorded. `plans` holds every plan compiled so far.
+  come to the host, which picks the static token layout: the exact plan of those counts, or
+  the cheapest of a fixed `layout.ShapeSet` (`use_shapes`) that holds them. Phase 2 (`update`,
+  compiled once per plan): tokenise, forward, backward, AdamW. Non-finite losses skip the
+  update and are recorded. Both phases run through the shared `two_phase.TwoPhase` driver;
+  `begin` (phase 1 of a step) may be called before `finish` of the previous step.
   """
 
   def __init__(self, model: vit.VisionTransformer, tx, lr_schedule, aug: augment.Augment,
@@ -195,25 +201,42 @@ class TrainStep:
     self.model, self.tx, self.lr_schedule, self.aug = model, tx, lr_schedule, aug
     self.policy, self.layout, self.accum = token_policy, token_layout, accum_steps
     self.mesh, self.groups = mesh, forward.batch_groups(mesh)
-    self.plans: set[layout.Plan] = set()
+    self.shapes: layout.ShapeSet | None = None
     batch = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    self._prepare = jax.jit(self.prepare, out_shardings=(
-        {"frames": batch, "targets": batch, "mask": batch, "weights": batch, "label": batch},
-        replicated))
-    self._update = jax.jit(self.update, static_argnums=2, donate_argnums=0,
-                           out_shardings=(state_shardings, replicated))
+    self.driver = two_phase.TwoPhase(
+        self.prepare, self.update, self._plan, mesh=mesh,
+        first_shardings=({"frames": batch, "targets": batch, "mask": batch, "weights": batch,
+                          "label": batch}, replicated),
+        second_shardings=(state_shardings, replicated), donate=True)
 
-  def prepare(self, state, batch):
+  @property
+  def plans(self) -> set[layout.Plan]:
+    """Every plan compiled so far."""
+    return self.driver.plans
+
+  def use_shapes(self, shapes: layout.ShapeSet) -> None:
+    """From now on every batch runs at the cheapest of these shapes that holds it."""
+    self.shapes = shapes
+
+  def _plan(self, counts: np.ndarray) -> layout.Plan:
+    if self.shapes is not None:
+      return self.shapes.fit(counts)
+    return layout.plan(counts, self.layout, num_tokens=self.model.spec.num_tokens,
+                       groups=self.groups, micro_batches=self.accum)
+
+  def prepare(self, rng, step, batch):
     spec = self.model.spec
     aug_key, erase_key, token_key = jax.random.split(
-        jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), 0), 3)
+        jax.random.fold_in(jax.random.fold_in(rng, step), 0), 3)
     frames = rlt.normalize(batch["frames"])
     frames, targets = augment.mix(aug_key, frames, batch["label"], self.aug)
     frames = augment.erase(erase_key, frames, self.aug)
     mask = rlt.select(frames, self.policy, tubelet_size=spec.tubelet_size,
                       patch_size=spec.patch_size, rng=token_key, valid=batch["valid"])
-    prepared = {"frames": frames, "targets": targets, "mask": mask,
+    # the patch embedding casts its input to the model's dtype: casting here halves phase 2's
+    # input (bf16) and changes nothing; the mask was decided on float32 values
+    prepared = {"frames": frames.astype(self.model.dtype), "targets": targets, "mask": mask,
                 "weights": batch["valid"].astype(jnp.float32), "label": batch["label"]}
     return prepared, mask.sum(-1, dtype=jnp.int32)
 
@@ -235,8 +258,8 @@ class TrainStep:
     if k == 1:
       (loss_sum, logits), grads = grad_fn(params, frames, mask, targets, weights, model_key,
                                           plan)
-    else:  # micro-batch j = rows j, j + k, …, so every device holds part of each
-      split = lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1)
+    else:
+      split = lambda x: layout.split_micro_batches(x, k)
 
       def micro(carry, xs):
         f, m, t, w, j = xs
@@ -247,20 +270,22 @@ class TrainStep:
       (loss_sum, grads), logits = jax.lax.scan(
           micro, zeros, (split(frames), split(mask), split(targets), split(weights),
                          jnp.arange(k)))
-      logits = jnp.swapaxes(logits, 0, 1).reshape(-1, logits.shape[-1])
-    count = jnp.maximum(weights.sum(), 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-    loss = loss_sum / count
-    updates, opt_state = self.tx.update(grads, state["opt_state"], params)
-    new_params = jax.tree_util.tree_map(jnp.add, params, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = {
-        "params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
-        "step": step + 1, "rng": state["rng"],
-        "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step, state["bad_step"]),
-    }
+      logits = layout.merge_micro_batches(logits)
+    with jax.named_scope("optimizer"):  # device_time counts everything here as the optimizer
+      count = jnp.maximum(weights.sum(), 1.0)
+      grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+      loss = loss_sum / count
+      updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+      new_params = jax.tree_util.tree_map(jnp.add, params, updates)
+      grad_norm = optax.tree.norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o),
+                                                     new, old)
+      new_state = {
+          "params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+          "step": step + 1, "rng": state["rng"],
+          "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step, state["bad_step"]),
+      }
     correct = (jnp.argmax(logits, -1) == prepared["label"]).astype(jnp.float32)
     kept = mask.sum(-1).astype(jnp.float32)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.lr_schedule(step),
@@ -269,13 +294,18 @@ class TrainStep:
                "slots": jnp.float32(plan.slots)}
     return new_state, metrics
 
+  def begin(self, rng: jax.Array, step: int | jax.Array, batch: dict[str, jax.Array]
+            ) -> two_phase.Pending:
+    """Phase 1 of step `step` (its augmentation and mask), dispatched; needs no state but the
+    run's RNG key, so it can run while the previous step's update still does."""
+    return self.driver.begin(rng, jnp.int32(step), batch)
+
+  def finish(self, state, pending: two_phase.Pending):
+    """(new state, metrics) of the step whose phase 1 is `pending`; `state` is donated."""
+    return self.driver.finish(state, pending)[0]
+
   def __call__(self, state, batch):
-    with jax.set_mesh(self.mesh):
-      prepared, counts = self._prepare(state, batch)
-      plan = layout.plan(np.asarray(counts), self.layout, num_tokens=self.model.spec.num_tokens,
-                         groups=self.groups, micro_batches=self.accum)
-      self.plans.add(plan)
-      return self._update(state, prepared, plan)
+    return self.finish(state, self.begin(state["rng"], state["step"], batch))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -390,8 +420,11 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
   aug = augment.Augment(num_classes=spec.num_classes, **config.augment)
   train_step = TrainStep(model, tx, lr_schedule, aug, token_policy, token_layout(config),
                          config.grad_accum_steps, mesh, state_shardings)
+  run_rng = jax.random.fold_in(rng, 1)  # the state's key: phase 1 needs nothing else of it
 
   iterator = iter(dataset)
+  if token_policy.kind == "rlt" and config.layout.shapes:
+    train_step.use_shapes(_train_shapes(config, spec, train_step, iterator, mesh, run_rng))
   start = manager.latest_step()
   if start is not None:
     state, iterator, start = manager.restore(abstract_state, state_shardings, iterator)
@@ -402,18 +435,33 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
   log, preemption = _Log(workdir), _Preemption()
   bar = console.progress(total_steps, start, "train")
   data_check = _DataCheck(spec.num_classes, config.data.max_bad_fraction, config.data.strict)
-  pending, last_time, last_step, result, summary = [], time.perf_counter(), start, {}, {}
+  data_states: dict[int, Any] = {}  # step → the iterator's state before that step's batch
+
+  def begin(step: int) -> two_phase.Pending:
+    """Phase 1 of `step`, dispatched (its batch read, checked and sent to the devices)."""
+    data_states[step] = iterator.get_state()
+    return train_step.begin(run_rng, step, sharding.global_batch(mesh, data_check(
+        next(iterator))))
+
+  def iterator_state(step: int) -> Any:
+    return data_states.pop(step) if step in data_states else iterator.get_state()
+
+  queued, last_time, last_step, result, summary = [], time.perf_counter(), start, {}, {}
+  ahead = None  # phase 1 of the next step, dispatched before this step's update
   try:
     for step in range(start, total_steps):
       if preemption.requested:
         if manager.latest_step() != step:
-          manager.save(step, state, iterator, force=True)
+          manager.save(step, state, iterator_state(step), force=True)
         manager.wait()
         console.say(f"SIGTERM: saved step {step} in {manager.directory}; exiting")
         return {"preempted_at": step}
-      local = data_check(next(iterator))
-      state, metrics = train_step(state, sharding.global_batch(mesh, local))
-      pending.append(metrics)
+      pending = ahead if ahead is not None else begin(step)
+      if step == start and train_step.shapes is not None:
+        _compile_shapes(train_step, state, pending)
+      ahead = begin(step + 1) if step + 1 < total_steps else None
+      state, metrics = train_step.finish(state, pending)
+      queued.append(metrics)
       done = step + 1
       bar.update(1)
       log_now = done % config.log_every == 0 or done == total_steps
@@ -422,15 +470,15 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
         _stop_if_not_finite(state, manager)
       if log_now:
         now = time.perf_counter()
-        summary = _summarise(jax.device_get(pending), now - last_time, done - last_step,
+        summary = _summarise(jax.device_get(queued), now - last_time, done - last_step,
                              spec.num_tokens)
         summary.update(epoch=done / steps_per_epoch, compiled_shapes=len(train_step.plans),
                        **data_check.totals())
         log.write(done, summary)
         bar.write(_metric_line(done, total_steps, summary))
-        pending, last_time, last_step = [], now, done
+        queued, last_time, last_step = [], now, done
       if save_now:
-        manager.save(done, state, iterator)
+        manager.save(done, state, iterator_state(done))
       if config.eval_every and config.data.val and (done % config.eval_every == 0
                                                     or done == total_steps):
         result = _evaluate(config, evaluator, spec, state["params"], "val", done, log, workdir,
@@ -452,6 +500,32 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
       checkpoint_dir=manager.directory, tensorboard_dir=os.path.join(workdir, "tensorboard"),
       labels=_classes_file(config.data.train)))
   return result
+
+
+def _train_shapes(config, spec: vit.ModelSpec, train_step: TrainStep, iterator, mesh,
+                  rng: jax.Array) -> layout.ShapeSet:
+  """The run's static train shapes (at most config.layout.shapes), chosen before the first
+  step from the exact kept counts of the run's first batches: phase 1 as those steps run it,
+  so after mixing and erasing. The iterator is put back where it was."""
+  initial = iterator.get_state()
+  samples = [train_step.begin(rng, i, sharding.global_batch(mesh, next(iterator))).host_counts()
+             for i in range(config.layout.calibration_batches)]
+  iterator.set_state(initial)
+  return layout.choose_shapes(samples, train_step.layout, num_tokens=spec.num_tokens,
+                              groups=train_step.groups, micro_batches=config.grad_accum_steps,
+                              max_shapes=config.layout.shapes, width=spec.width,
+                              mlp_dim=spec.mlp_dim)
+
+
+def _compile_shapes(train_step: TrainStep, state, pending: two_phase.Pending) -> None:
+  """Compile every train shape before the first step, so no step waits for a compilation."""
+  plans = train_step.shapes.plans
+  console.say(f"compiling {len(plans)} train shapes (stream slots × row slots per group: "
+              + ", ".join(f"{p.length}×{p.capacity}" for p in plans) + ")")
+  start = time.perf_counter()
+  for p in plans:
+    train_step.driver.compile(p, state, pending.outputs)
+  console.say(f"compiled {len(plans)} train shapes in {time.perf_counter() - start:.1f} s")
 
 
 def _classes_file(patterns: str) -> str | None:

@@ -67,7 +67,8 @@ class TestPlans:
     assert permuted == first and len(f.plans) == 1
     _, _, fewer = f(params, frames[[0, 1, 0, 1]])  # a smaller largest clip: another plan
     assert fewer != first and f.plans == {first, fewer}
-    assert f._run._cache_size() == len(f.plans)  # what it reports is what it compiled
+    assert set(f.driver.compile_seconds) == f.plans  # what it reports is what it compiled
+    assert f.driver.uses == {first: 3, fewer: 1}
 
   def test_order_by_cost_puts_similar_clips_together(self):
     counts = np.array([30, 10, 30, 20, 10])

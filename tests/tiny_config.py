@@ -9,7 +9,7 @@ def get_config(data_dir: str):
                  image_size=32, num_frames=4, dtype="float32", attention="xla", drop_path=0.1)
   c.data.update(train=f"{data_dir}/train.tfrecord-*", val=f"{data_dir}/val.tfrecord-*",
                 final="", flip=False, stride=2, workers=0, sort_window=2)
-  c.layout.update(capacity_step=4, stream_buckets=4)
+  c.layout.update(capacity_step=4, stream_buckets=4, calibration_batches=3)
   c.batch_size = 8
   c.eval_batch_size = 8
   c.total_steps = 8

@@ -45,14 +45,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax
   bias (R, C), if given, is added to every query's logit of each key instead of the length
   mask (ToMe's proportional attention, whose real tokens need not come first); XLA runs it.
   """
-  if bias is not None:
-    return _xla_attention(q, k, v, None, bias)
-  attention = resolve(attention, q.dtype, q.shape[1])
-  if attention == "xla":
-    return _xla_attention(q, k, v, lengths)
-  if attention == "cudnn":
-    return _cudnn_attention(q, k, v, lengths)
-  return _splash_attention(q, k, v, lengths)
+  with jax.named_scope("dot_product_attention"):  # device_time groups the core by this name
+    if bias is not None:
+      return _xla_attention(q, k, v, None, bias)
+    attention = resolve(attention, q.dtype, q.shape[1])
+    if attention == "xla":
+      return _xla_attention(q, k, v, lengths)
+    if attention == "cudnn":
+      return _cudnn_attention(q, k, v, lengths)
+    return _splash_attention(q, k, v, lengths)
 
 
 def _xla_attention(q, k, v, lengths, bias=None):

@@ -150,19 +150,18 @@ class Attention(nn.Module):
                    name="qkv")(x)
     q_bias = self.param("q_bias", nn.initializers.zeros, (width,))
     v_bias = self.param("v_bias", nn.initializers.zeros, (width,))
-    q, k, v = jnp.split(qkv, 3, axis=-1)
-    q, v = q + q_bias.astype(self.dtype), v + v_bias.astype(self.dtype)  # key bias is zero
-    split = lambda t: t.reshape(*t.shape[:2], self.num_heads, -1)
-    if tokens is not None:
-      rows = lambda t: layout.to_rows(split(t), tokens)
-      out = dot_product_attention(rows(q), rows(k), rows(v), tokens.kept,
-                                  attention=self.attention)
-      out = layout.from_rows(out, tokens)
+    biases = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])  # key bias is zero
+    qkv = (qkv + biases.astype(self.dtype)).reshape(*x.shape[:2], 3, self.num_heads, -1)
+    if tokens is not None:  # one gather of q, k and v together into clip rows, one back
+      q, k, v = jnp.unstack(layout.to_rows(qkv, tokens), axis=2)
+      out = layout.from_rows(dot_product_attention(q, k, v, tokens.kept,
+                                                   attention=self.attention), tokens)
     else:
-      out = dot_product_attention(split(q), split(k), split(v), None, bias=bias)
+      q, k, v = jnp.unstack(qkv, axis=2)
+      out = dot_product_attention(q, k, v, None, bias=bias)
     out = nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(
         out.reshape(x.shape))
-    return out, split(k)
+    return out, qkv[:, :, 1]
 
 
 class Mlp(nn.Module):
@@ -295,10 +294,10 @@ class VisionTransformer(nn.Module):
         *tokens.patches.shape[:2], s.tubelet_size, s.patch_size, s.patch_size, 3)
     x = self.patch_embed(patches)
     x = x + jnp.asarray(sinusoid_table(s.num_tokens, s.width))[tokens.positions]
-    if s.length_embedding:
-      lengths = tokens.lengths
-      x = x + jnp.where(lengths[..., None] > 0, jnp.asarray(self.length_table)[jnp.maximum(lengths - 1, 0)],
-                        0.0)
+    if s.length_embedding:  # a one-hot matmul: its gradient is a matmul, not a scatter-add
+      runs = jax.nn.one_hot(tokens.lengths - 1, s.grid[0], dtype=jnp.float32)  # 0: padding
+      x = x + jnp.einsum("glt,td->gld", runs, jnp.asarray(self.length_table, jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)
     x = x.astype(self.dtype)
     if self.scan:
       rates = jnp.asarray(self._drop_path_rates(), jnp.float32)  # one per block, scanned over
