@@ -37,15 +37,17 @@ import resource
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlt_jax import (augment, build_tfrecords, files, forward, input_pipeline, optim, recipes,
-                     rlt, sharding, video)
+from rlt_jax import (augment, build_tfrecords, device_time, files, forward, input_pipeline,
+                     optim, recipes, rlt, sharding, two_phase, video)
 from rlt_jax import layout as layout_lib
 from rlt_jax import train as train_lib
+from rlt_jax.models import tome as tome_lib
 from rlt_jax.models import vit
 
 # Dense bf16 peak FLOP/s by device kind (vendor figures), for MFU.
@@ -220,23 +222,88 @@ class Setting:
   tome: int = 0
 
 
+@dataclasses.dataclass
+class Timing:
+  """What one timed loop of two-phase steps measured (compilation left out)."""
+  seconds: float           # median over repeats of the whole loop
+  counts: np.ndarray       # kept tokens of every clip of every timed step, as the step ran them
+  plans: int               # distinct static shapes the loop ran
+  compile_s: float         # seconds spent compiling them (before timing)
+
+
+def _run_loop(driver: two_phase.TwoPhase, carry, inputs: list[tuple], *, advance: bool
+              ) -> tuple[Any, list[two_phase.Pending]]:
+  """Every input's two phases, the next phase 1 dispatched before this phase 2 (as training
+  and evaluation run); `advance`: each result is the next carry (a train state)."""
+  pendings, ahead, result = [], driver.begin(*inputs[0]), None
+  for i in range(len(inputs)):
+    pending = ahead
+    ahead = driver.begin(*inputs[i + 1]) if i + 1 < len(inputs) else None
+    result, _ = driver.finish(carry, pending)
+    carry = result[0] if advance else carry
+    pendings.append(pending)
+  jax.block_until_ready(result)
+  return carry, pendings
+
+
+def _time_loop(driver: two_phase.TwoPhase, carry, inputs: list[tuple], *, advance: bool,
+               repeats: int) -> tuple[Timing, Any]:
+  """Compile every plan the loop needs, warm up once, then time `repeats` whole loops."""
+  for args in inputs:
+    pending = driver.begin(*args)
+    driver.compile(driver.plan(pending), carry, pending.outputs)
+  compile_s = sum(driver.compile_seconds.values())
+  carry, _ = _run_loop(driver, carry, inputs, advance=advance)  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    carry, pendings = _run_loop(driver, carry, inputs, advance=advance)
+    times.append(time.perf_counter() - start)
+  counts = np.concatenate([p.host_counts() for p in pendings])
+  return Timing(float(np.median(times)), counts, len({driver.plan(p) for p in pendings}),
+                compile_s), carry
+
+
+def _profile(directory: str, driver: two_phase.TwoPhase, carry, args: tuple, *, advance: bool,
+             steps: int = 3) -> dict[str, float]:
+  """Trace `steps` steady-state steps of one batch (one plan, already compiled) into
+  `directory` and group their device time."""
+  inputs = [args] * steps
+  carry, _ = _run_loop(driver, carry, inputs, advance=advance)  # steady state
+  with device_time.trace(directory):
+    _run_loop(driver, carry, inputs, advance=advance)
+  plan = driver.plan(driver.begin(*args))
+  with driver.context():
+    first = driver._first.lower(*args).compile().as_text()
+  return device_time.breakdown(directory, phase_1=[first],
+                               phase_2=[driver.executables[plan].as_text()], steps=steps)
+
+
 def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat16",
                     source: str = "synthetic", frames_path: str | None = None,
                     threshold: float = 0.1, batches: int = 4, repeats: int = 3,
                     tiny: bool = False, train_steps: bool = True, tome_r: int = 0,
-                    only: tuple[str, ...] = (), draw: int = 0) -> dict:
-  """clips/s, tokens, speedups, efficiency, overhead and MFU for each policy × layout.
+                    only: tuple[str, ...] = (), draw: int = 0, profile: str | None = None,
+                    scan: bool = False) -> dict:
+  """clips/s, kept tokens/s, speedups, efficiency, overhead and MFU for each policy × layout.
 
-  `draw` > 0 draws that many clips from `frames_path` with replacement (seed 0), as the ceiling
-  does: a few real clips then fill several batches, so that grouping by kept count has batches
-  to group.
+  Forward passes and train steps run through the same two-phase driver as evaluation and
+  training (phase 1 of the next batch dispatched before phase 2 of this one). Every plan a
+  timed loop needs is compiled first and its seconds reported apart; a warm-up loop runs
+  before the timed ones. Train steps use the trainer's own `train.TrainStep` (augmentation,
+  forward, backward, AdamW), each batch at `repeats` step indices (so new mixing, erasing and
+  kept counts each time, as in a run), at shapes chosen as a run chooses them
+  (`layout.choose_shapes` from those steps' counts); their ideal is computed from the kept
+  counts the train step actually ran. `draw` > 0 draws that many clips from `frames_path`
+  with replacement (seed 0). `profile`: a directory for jax.profiler traces of a few
+  steady-state steps of the all-token and default RLT settings, with their device time grouped.
   """
   overrides = {}
   if tiny:
-    variant, dtype, overrides = "tiny", "float32", dict(image_size=64, num_frames=8)
+    variant, dtype, overrides = "tiny", "float32", dict(image_size=64, num_frames=8, depth=1)
     batch, batches, repeats = 4, 2, 2
   spec = vit.ModelSpec.from_variant(variant, num_classes=400, **overrides)
-  model = vit.build(spec, dtype=dtype, attention="auto")
+  model = vit.build(spec, dtype=dtype, attention="auto", scan=scan)
   if frames_path:
     clips = load_frames(frames_path, spec)
     if draw:
@@ -269,101 +336,128 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
   if only:  # the all-token baseline always runs: every ratio is against it
     settings = [settings[0]] + [s for s in settings[1:] if s.name.startswith(only)]
   rng = jax.random.PRNGKey(0)
-  params = jax.jit(lambda: model.init(rng, train_lib._example_tokens(spec))["params"])()
+  params = jax.jit(lambda: model.init(rng, vit.example_tokens(spec))["params"])()
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  kind = jax.devices()[0].device_kind
+  peak = PEAK_FLOPS.get(kind) if dtype == "bfloat16" else None
+  full_flops = forward_flops(spec, np.full(batch, n))  # per batch of all tokens
 
-  results = []
+  results, breakdowns = [], {}
   for setting in settings:
     counts = rlt.kept_counts(clips, setting.policy, tubelet_size=spec.tubelet_size,
                              patch_size=spec.patch_size)
     order = forward.order_by_cost(counts) if setting.sort else np.arange(len(clips))
-    chunks = [clips[order[i * batch:(i + 1) * batch]] for i in range(batches)]
+    chunks = [jnp.asarray(clips[order[i * batch:(i + 1) * batch]]) for i in range(batches)]
     run_model = model.clone(tome=_schedule(spec, setting.tome)) if setting.tome else model
-    fwd = forward.Forward(run_model, setting.policy, setting.layout)
-    select = jax.jit(lambda x, p=setting.policy: forward.select(x, p, spec, rng=rng)[2])
-    forward_s = overhead_s = train_s = 0.0
-    for chunk in chunks:
-      x = jnp.asarray(chunk)
-      forward_s += _median_time(lambda x: fwd(params, x)[0], x, repeats=repeats)
-      overhead_s += _median_time(select, x, repeats=repeats)
-    if train_steps:
-      train_s = _train_seconds(run_model, params, chunks, setting, mesh, repeats)
-    clip_tokens = counts[:batches * batch]
     tome = _schedule(spec, setting.tome) if setting.tome else ()
-    results.append({
-        "setting": setting.name, "tokens_kept": float(clip_tokens.mean()),
-        "forward_clips_per_s": batch * batches / forward_s,
-        "train_clips_per_s": batch * batches / train_s if train_s else None,
-        "rlt_overhead_ms": 1e3 * overhead_s / batches,
-        "flops": forward_flops(spec, clip_tokens, tome),
-        "compilations": len(fwd.plans), "forward_s": forward_s, "train_s": train_s})
-    print(f"  {setting.name}: {batch * batches / forward_s:.2f} forward clips/s"
-          + (f", {batch * batches / train_s:.2f} train clips/s" if train_s else ""),
+    fwd = forward.Forward(run_model, setting.policy, setting.layout)
+    valid = np.ones(batch, bool)
+    inputs = [(chunk, valid, rng) for chunk in chunks]
+    timing, _ = _time_loop(fwd.driver, params, inputs, advance=False, repeats=repeats)
+    select = jax.jit(lambda x, p=setting.policy: forward.select(x, p, spec, rng=rng)[2])
+    overhead_s = sum(_median_time(select, chunk, repeats=repeats) for chunk in chunks)
+    flops = forward_flops(spec, timing.counts, tome)
+    row = {"setting": setting.name, "tokens_kept": float(timing.counts.mean()),
+           "forward_clips_per_s": len(timing.counts) / timing.seconds,
+           "forward_tokens_per_s": float(timing.counts.sum()) / timing.seconds,
+           "rlt_overhead_ms": 1e3 * overhead_s / batches, "flops": flops,
+           "compilations": timing.plans, "forward_compile_s": timing.compile_s,
+           "forward_s": timing.seconds,
+           "forward_mfu": flops / timing.seconds / peak if peak else None}
+    if profile and setting.name in ("none", "rlt stream, sorted"):
+      breakdowns[f"{setting.name} forward"] = _profile(
+          os.path.join(profile, _slug(setting.name) + "-forward"), fwd.driver, params,
+          inputs[-1], advance=False)
+    if train_steps:
+      train, breakdown = _train_timing(run_model, params, chunks, setting, mesh, repeats,
+                                       profile)
+      train_flops = forward_flops(spec, train.counts, tome)
+      row.update({
+          "train_clips_per_s": len(train.counts) / train.seconds,
+          "train_tokens_per_s": float(train.counts.sum()) / train.seconds,
+          "train_tokens_kept": float(train.counts.mean()),
+          "train_ideal_speedup": full_flops * len(train.counts) / batch / train_flops,
+          "train_plans": train.plans, "train_compile_s": train.compile_s,
+          "train_s": train.seconds,
+          # forward + backward ≈ 3 × the forward FLOPs (recomputation not counted)
+          "train_mfu": 3 * train_flops / train.seconds / peak if peak else None})
+      if breakdown is not None:
+        breakdowns[f"{setting.name} train"] = breakdown
+    results.append(row)
+    print(f"  {setting.name}: {row['forward_clips_per_s']:.2f} forward clips/s"
+          + (f", {row['train_clips_per_s']:.2f} train clips/s" if train_steps else ""),
           file=sys.stderr, flush=True)
 
   none = results[0]
-  kind = jax.devices()[0].device_kind
-  peak = PEAK_FLOPS.get(kind) if dtype == "bfloat16" else None
   for r in results:
     r["forward_speedup"] = r["forward_clips_per_s"] / none["forward_clips_per_s"]
     r["ideal_speedup"] = none["flops"] / r["flops"]
     r["forward_efficiency"] = r["forward_speedup"] / r["ideal_speedup"]
-    if r["train_s"]:
+    if train_steps:
       r["train_speedup"] = r["train_clips_per_s"] / none["train_clips_per_s"]
-      r["train_efficiency"] = r["train_speedup"] / r["ideal_speedup"]
+      r["train_efficiency"] = r["train_speedup"] / r["train_ideal_speedup"]
+      r["train_tokens_per_s_vs_all"] = r["train_tokens_per_s"] / none["train_tokens_per_s"]
     r["rlt_overhead_pct"] = 100 * r["rlt_overhead_ms"] / (1e3 * r["forward_s"] / batches)
-    r["forward_mfu"] = r["flops"] / r["forward_s"] / peak if peak else None
   return {"variant": variant, "batch": batch, "dtype": dtype, "clips": len(clips),
           "source": (f"{frames_path} (drawn with replacement)" if draw else frames_path) or source,
-          "threshold": threshold, "device": kind,
+          "threshold": threshold, "device": kind, "scan": scan, "repeats": repeats,
           "kept_fraction": fraction, "kept_min_max": [int(kept.min()), int(kept.max())],
-          "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}
+          "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "results": results,
+          "device_time_ms": breakdowns}
+
+
+def _slug(name: str) -> str:
+  return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
 def _schedule(spec: vit.ModelSpec, r: int) -> tuple[int, ...]:
-  from rlt_jax.models import tome
-  return tome.schedule(r, spec.depth, spec.num_tokens)
+  return tome_lib.schedule(r, spec.depth, spec.num_tokens)
 
 
 def _tome_matching(spec: vit.ModelSpec, tokens: float) -> int:
   """The constant ToMe r whose mean tokens per block match RLT's (a matched FLOP budget)."""
-  from rlt_jax.models import tome
   best, gap = 0, float("inf")
   for r in range(0, spec.num_tokens // 2):
-    counts = tome.token_counts(spec.num_tokens, _schedule(spec, r))
+    counts = tome_lib.token_counts(spec.num_tokens, _schedule(spec, r))
     g = abs(float(np.mean(counts[:spec.depth])) - tokens)
     if g < gap:
       best, gap = r, g
   return best
 
 
-def _train_seconds(model, params, chunks, setting: Setting, mesh, repeats: int) -> float:
-  """Seconds of the project's own train step (AdamW, augmentation, two phases) over chunks."""
+def _train_timing(model, params, chunks, setting: Setting, mesh, repeats: int,
+                  profile: str | None) -> tuple[Timing, dict | None]:
+  """The project's own train step (AdamW, augmentation, two phases) over the chunks, each at
+  `repeats` step indices; shapes chosen as a training run chooses them."""
   spec = model.spec
   config = recipes.base("B/16")
   config.batch_size = len(chunks[0])
   tx, lr_schedule = optim.make(config, params, depth=spec.depth, total_steps=1000,
                                warmup_steps=10)
   aug = augment.Augment(num_classes=spec.num_classes, **config.augment)
-  step = train_lib.TrainStep(model.clone(drop_path=0.1), tx, lr_schedule, aug, setting.policy,
-                             setting.layout, 1, mesh)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
            "rng": jax.random.PRNGKey(1), "bad_step": jnp.int32(-1)}
-  state = jax.tree_util.tree_map(jnp.array, state)  # a copy: the step donates its state
-  total = 0.0
-  for chunk in chunks:
-    batch = {"frames": jnp.asarray(chunk), "label": jnp.zeros(len(chunk), jnp.int32),
-             "valid": jnp.ones(len(chunk), bool)}
-    state, _ = step(state, batch)  # compile and warm up
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      state, metrics = step(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-    total += float(np.median(times))
-  return total
+  shardings = sharding.tree_shardings(mesh, state)
+  state = jax.device_put(jax.tree_util.tree_map(jnp.array, state), shardings)  # a copy: donated
+  step = train_lib.TrainStep(model.clone(drop_path=0.1), tx, lr_schedule, aug, setting.policy,
+                             setting.layout, 1, mesh, shardings)
+  batches = [sharding.global_batch(mesh, {"frames": np.asarray(chunk),
+                                          "label": np.zeros(len(chunk), np.int32),
+                                          "valid": np.ones(len(chunk), bool)})
+             for chunk in chunks]
+  run_rng = jax.random.PRNGKey(1)  # the state's own key is donated with the state
+  inputs = [(run_rng, i * repeats + r, b) for i, b in enumerate(batches) for r in range(repeats)]
+  if setting.policy.kind == "rlt":  # as a run: a fixed set of shapes from its steps' counts
+    samples = [step.begin(*args).host_counts() for args in inputs]
+    step.use_shapes(layout_lib.choose_shapes(
+        samples, setting.layout, num_tokens=spec.num_tokens, groups=step.groups,
+        max_shapes=16, width=spec.width, mlp_dim=spec.mlp_dim))
+  timing, state = _time_loop(step.driver, state, inputs, advance=True, repeats=1)
+  breakdown = None
+  if profile and setting.name in ("none", "rlt stream, sorted"):
+    breakdown = _profile(os.path.join(profile, _slug(setting.name) + "-train"), step.driver,
+                         state, inputs[-1], advance=True)
+  return timing, breakdown
 
 
 def print_table(report: dict) -> None:
@@ -371,27 +465,39 @@ def print_table(report: dict) -> None:
         f"clips from {report['source']}, tau {report['threshold']}: RLT keeps "
         f"{report['kept_fraction']:.0%} ({report['kept_min_max'][0]}–"
         f"{report['kept_min_max'][1]} per clip), on {report['device']} (jax {report['jax']}, "
-        f"{report['date']})")
-  header = (f"{'setting':24s} {'tokens':>7s} {'fwd clips/s':>11s} {'speedup':>7s} "
-            f"{'ideal':>6s} {'eff':>5s} {'train clips/s':>13s} {'speedup':>7s} {'eff':>5s} "
-            f"{'RLT ms':>7s} {'RLT %':>6s} {'MFU':>5s} {'shapes':>6s}")
-  print(header)
+        f"{report['date']}); compilation not timed")
+  mfu = lambda v: f"{v:.0%}" if v else "-"
+  print("forward (inference):")
+  print(f"{'setting':24s} {'tokens':>7s} {'clips/s':>9s} {'tokens/s':>10s} {'speedup':>7s} "
+        f"{'ideal':>6s} {'eff':>5s} {'RLT ms':>7s} {'RLT %':>6s} {'MFU':>5s} {'shapes':>6s} "
+        f"{'compile s':>9s}")
   for r in report["results"]:
-    mfu = f"{r['forward_mfu']:.0%}" if r["forward_mfu"] else "-"
-    train = (f"{r['train_clips_per_s']:13.2f} {r['train_speedup']:7.2f} "
-             f"{r['train_efficiency']:5.2f}" if r.get("train_speedup") else
-             f"{'-':>13s} {'-':>7s} {'-':>5s}")
-    print(f"{r['setting']:24s} {r['tokens_kept']:7.0f} {r['forward_clips_per_s']:11.2f} "
-          f"{r['forward_speedup']:7.2f} {r['ideal_speedup']:6.2f} "
-          f"{r['forward_efficiency']:5.2f} {train} {r['rlt_overhead_ms']:7.1f} "
-          f"{r['rlt_overhead_pct']:6.1f} {mfu:>5s} {r['compilations']:6d}")
+    print(f"{r['setting']:24s} {r['tokens_kept']:7.0f} {r['forward_clips_per_s']:9.2f} "
+          f"{r['forward_tokens_per_s']:10.0f} {r['forward_speedup']:7.2f} "
+          f"{r['ideal_speedup']:6.2f} {r['forward_efficiency']:5.2f} "
+          f"{r['rlt_overhead_ms']:7.1f} {r['rlt_overhead_pct']:6.1f} "
+          f"{mfu(r['forward_mfu']):>5s} {r['compilations']:6d} {r['forward_compile_s']:9.1f}")
+  if "train_clips_per_s" in report["results"][0]:
+    print("train step (tokens: kept in the train step, after mixing and erasing; ideal from "
+          "those counts):")
+    print(f"{'setting':24s} {'tokens':>7s} {'clips/s':>9s} {'tokens/s':>10s} {'vs all':>6s} "
+          f"{'speedup':>7s} {'ideal':>6s} {'eff':>5s} {'MFU':>5s} {'shapes':>6s} "
+          f"{'compile s':>9s}")
+    for r in report["results"]:
+      print(f"{r['setting']:24s} {r['train_tokens_kept']:7.0f} {r['train_clips_per_s']:9.2f} "
+            f"{r['train_tokens_per_s']:10.0f} {r['train_tokens_per_s_vs_all']:6.2f} "
+            f"{r['train_speedup']:7.2f} {r['train_ideal_speedup']:6.2f} "
+            f"{r['train_efficiency']:5.2f} {mfu(r['train_mfu']):>5s} {r['train_plans']:6d} "
+            f"{r['train_compile_s']:9.1f}")
+  for name, result in report.get("device_time_ms", {}).items():
+    print(device_time.format_breakdown(name, result))
 
 
 def compile_seconds(variant: str, *, scan: bool, remat: str = "full") -> float:
   """Seconds to lower and compile a training forward + backward of `variant` on one clip."""
   spec = vit.ModelSpec.from_variant(variant, num_classes=400)
   model = vit.build(spec, dtype="bfloat16", remat=remat, scan=scan, drop_path=0.1)
-  tokens = train_lib._example_tokens(spec)
+  tokens = vit.example_tokens(spec)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
   loss = lambda p, t: model.apply({"params": p}, t, train=True,
                                   rngs={"dropout": jax.random.PRNGKey(0)}).sum()
@@ -467,6 +573,10 @@ def main(argv: list[str] | None = None) -> None:
   model_parser.add_argument("--tome", type=int, default=-1,
                             help="ToMe r per block (-1: matched to RLT's mean budget; 0: off)")
   model_parser.add_argument("--tiny", action="store_true", help="small model on CPU (smoke)")
+  model_parser.add_argument("--scan", action="store_true", help="the blocks as one nn.scan "
+                            "(model.scan)")
+  model_parser.add_argument("--profile", metavar="DIR", help="write jax.profiler traces of a "
+                            "few steady-state steps here and print where the device time goes")
   model_parser.add_argument("--output", help="also write the results as JSON here")
   clips_parser = sub.add_parser("clips", help="cut real videos into a --frames file")
   clips_parser.add_argument("videos", nargs="+", help="video files (mp4, avi, webm …)")
@@ -542,7 +652,8 @@ def main(argv: list[str] | None = None) -> None:
       result = model_benchmark(args.variant, args.batch, args.dtype, args.source, args.frames,
                                args.threshold, args.batches, args.repeats, args.tiny,
                                not args.no_train, args.tome,
-                               tuple(filter(None, args.only.split(","))), args.draw)
+                               tuple(filter(None, args.only.split(","))), args.draw,
+                               args.profile, args.scan)
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None
     print_table(result)

@@ -16,7 +16,6 @@ import shutil
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -98,18 +97,8 @@ def load_model(directory: str | os.PathLike) -> tuple[vit.ModelSpec, Any]:
 
 def abstract_params(spec: vit.ModelSpec) -> Any:
   """Shapes and dtypes of a model's parameters, without computing them."""
-  from rlt_jax import layout
-  frames = jax.ShapeDtypeStruct((1, spec.num_frames, spec.image_size, spec.image_size, 3),
-                                jnp.float32)
-  plan = layout.plan(np.asarray([spec.num_tokens]), layout.Layout("padded"),
-                     num_tokens=spec.num_tokens, groups=1)
-
-  def init(frames):
-    tokens = layout.tokenize(frames, jnp.ones((1, spec.num_tokens), bool), plan,
-                             tubelet_size=spec.tubelet_size, patch_size=spec.patch_size)
-    return vit.build(spec).init(jax.random.PRNGKey(0), tokens)["params"]
-
-  return jax.eval_shape(init, frames)
+  return jax.eval_shape(
+      lambda: vit.build(spec).init(jax.random.PRNGKey(0), vit.example_tokens(spec))["params"])
 
 
 def check_params(params: Any, expected: Any, source: str) -> None:

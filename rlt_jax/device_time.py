@@ -32,7 +32,6 @@ import jax
 
 GROUPS = ("matmuls", "attention fwd", "attention bwd", "gathers/scatters", "copies/concats",
           "norms/elementwise", "optimizer", "phase 1", "other")
-PHASE_1_MODULES = ("jit_prepare", "jit_select")
 _MOVES = {"copy", "transpose", "concatenate", "pad", "slice", "dynamic-slice",
           "dynamic-update-slice", "reverse"}
 _QUIET = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "broadcast",
@@ -92,9 +91,7 @@ def _target(rest: str) -> str:
   return m.group(1) if m else ""
 
 
-def _group(module: str, opcode: str, rest: str, inner: collections.Counter) -> str:
-  if module.startswith(PHASE_1_MODULES):
-    return "phase 1"
+def _group(opcode: str, rest: str, inner: collections.Counter) -> str:
   name = re.search(r'op_name="([^"]*)"', rest)
   name = name.group(1) if name else ""
   backward = "transpose(" in name
@@ -116,21 +113,25 @@ def _group(module: str, opcode: str, rest: str, inner: collections.Counter) -> s
   return "other"
 
 
-def classify(hlo_texts: Iterable[str]) -> dict[tuple[str, str], str]:
-  """(module name, instruction name) → group, for every instruction of these HLO modules."""
+def classify(hlo_texts: Iterable[str], *, phase_1: bool = False) -> dict[tuple[str, str], str]:
+  """(module name, instruction name) → group, for every instruction of these HLO modules
+  (all of them 'phase 1' when `phase_1`)."""
   groups: dict[tuple[str, str], str] = {}
   for hlo in hlo_texts:
     module = re.search(r"^HloModule ([\w.\-]+)", hlo, re.M)
     module = module.group(1) if module else ""
     computations = _computations(hlo)
-    for computation, instructions in computations.items():
+    for instructions in computations.values():
       for name, opcode, rest in instructions:
+        if phase_1:
+          groups[(module, name)] = "phase 1"
+          continue
         inner = collections.Counter({opcode: 1})
         for callee in _called(rest):
           inner += _opcodes(computations, callee, set())
         if opcode == "custom-call":
           inner["custom-call:" + _target(rest)] += 1
-        groups[(module, name)] = _group(module, opcode, rest, inner)
+        groups[(module, name)] = _group(opcode, rest, inner)
   return groups
 
 
@@ -145,13 +146,15 @@ def _events(directory: str) -> list[dict]:
   return [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
 
 
-def breakdown(directory: str, hlo_texts: Iterable[str], steps: int) -> dict[str, float]:
-  """Device milliseconds per step in each group (and 'idle', 'total') of the newest trace.
+def breakdown(directory: str, *, phase_1: Iterable[str], phase_2: Iterable[str],
+              steps: int) -> dict[str, float]:
+  """Device milliseconds per step in each group (and 'idle', 'total') of the newest trace
+  under `directory`, whose operations come from the executables whose HLO texts are given.
 
   'total' is the traced window from the first operation's start to the last one's end,
   divided by `steps`; 'idle' is the part of it when no operation was running.
   """
-  groups = classify(hlo_texts)
+  groups = {**classify(phase_2), **classify(phase_1, phase_1=True)}
   events = _events(directory)
   if not events:
     raise ValueError(f"{directory}: the trace holds no XLA operations")

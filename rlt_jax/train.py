@@ -395,7 +395,7 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
 
   rng = jax.random.PRNGKey(config.seed)
-  init_tokens = _example_tokens(spec)
+  init_tokens = vit.example_tokens(spec)
   abstract_params = jax.eval_shape(lambda: model.init(rng, init_tokens)["params"])
   tx, lr_schedule = optim.make(config, abstract_params, depth=spec.depth,
                                total_steps=total_steps, warmup_steps=warmup_steps)
@@ -520,27 +520,19 @@ def _train_shapes(config, spec: vit.ModelSpec, train_step: TrainStep, iterator, 
 def _compile_shapes(train_step: TrainStep, state, pending: two_phase.Pending) -> None:
   """Compile every train shape before the first step, so no step waits for a compilation."""
   plans = train_step.shapes.plans
-  console.say(f"compiling {len(plans)} train shapes (stream slots × row slots per group: "
+  shapes = f"{len(plans)} train shape{'s' if len(plans) != 1 else ''}"
+  console.say(f"compiling {shapes} (stream slots × row slots per group: "
               + ", ".join(f"{p.length}×{p.capacity}" for p in plans) + ")")
   start = time.perf_counter()
   for p in plans:
     train_step.driver.compile(p, state, pending.outputs)
-  console.say(f"compiled {len(plans)} train shapes in {time.perf_counter() - start:.1f} s")
+  console.say(f"compiled {shapes} in {time.perf_counter() - start:.1f} s")
 
 
 def _classes_file(patterns: str) -> str | None:
   path = os.path.join(os.path.dirname(str(input_pipeline.open_source(patterns).shards[0])),
                       "classes.txt")
   return path if os.path.exists(path) else None
-
-
-def _example_tokens(spec: vit.ModelSpec) -> layout.TokenBatch:
-  """A one-clip token batch, to initialise parameters (they do not depend on the layout)."""
-  frames = jnp.zeros((1, spec.num_frames, spec.image_size, spec.image_size, 3), jnp.float32)
-  plan = layout.plan(np.asarray([spec.num_tokens]), layout.Layout("padded"),
-                     num_tokens=spec.num_tokens, groups=1)
-  return layout.tokenize(frames, jnp.ones((1, spec.num_tokens), bool), plan,
-                         tubelet_size=spec.tubelet_size, patch_size=spec.patch_size)
 
 
 class DataError(RuntimeError):

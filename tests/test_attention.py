@@ -133,11 +133,17 @@ def test_splash_rejects_rows_it_cannot_tile():
     dot_product_attention(q, k, v, lengths, attention="splash")
 
 
-def test_auto_is_xla_on_cpu_and_unknown_names_fail():
+def test_auto_picks_the_fused_kernel_of_the_backend_and_unknown_names_fail():
+  backend = jax.default_backend()
+  want = {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
+  assert attention.resolve("auto", jnp.bfloat16, 128) == want
+  assert attention.resolve("auto", jnp.float32, 128) == ("splash" if backend == "tpu" else "xla")
+  assert attention.resolve("auto", jnp.bfloat16, 100) == ("cudnn" if backend == "gpu" else "xla")
+  if want == "xla":  # elsewhere the fused kernels have their own tests
+    q, k, v, lengths = inputs()
+    np.testing.assert_array_equal(dot_product_attention(q, k, v, lengths, attention="auto"),
+                                  dot_product_attention(q, k, v, lengths))
   q, k, v, lengths = inputs()
-  assert attention.resolve("auto", jnp.bfloat16, 128) == "xla"
-  np.testing.assert_array_equal(dot_product_attention(q, k, v, lengths, attention="auto"),
-                                dot_product_attention(q, k, v, lengths))
   with pytest.raises(ValueError, match="model.attention='flash'"):
     dot_product_attention(q, k, v, lengths, attention="flash")
 

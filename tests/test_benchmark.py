@@ -3,20 +3,60 @@
 import numpy as np
 import pytest
 
-from rlt_jax import benchmark, rlt
+from rlt_jax import benchmark, rlt, two_phase
 from rlt_jax.models import vit
 
 
-def test_the_tiny_model_benchmark_runs_every_layout_and_the_real_train_step(capsys):
-  report = benchmark.model_benchmark(tiny=True, only=("rlt stream",))
+def test_the_tiny_model_benchmark_runs_every_layout_and_the_real_train_step(capsys, tmp_path):
+  report = benchmark.model_benchmark(tiny=True, only=("rlt stream",), profile=str(tmp_path))
   names = [r["setting"] for r in report["results"]]
   assert names == ["none", "rlt stream, unsorted", "rlt stream, sorted"]
   none, unsorted, grouped = report["results"]
   assert none["ideal_speedup"] == 1.0 and none["forward_efficiency"] == 1.0
   assert grouped["tokens_kept"] < none["tokens_kept"] and grouped["ideal_speedup"] > 1.0
-  assert all(r["train_clips_per_s"] > 0 and r["compilations"] >= 1 for r in report["results"])
+  spec = vit.ModelSpec.from_variant("tiny", num_classes=400, image_size=64, num_frames=8)
+  for r in report["results"]:
+    assert r["train_clips_per_s"] > 0 and r["compilations"] >= 1 and r["train_plans"] >= 1
+    assert r["forward_compile_s"] > 0 and r["train_compile_s"] > 0  # reported apart
+    # tokens/s are the kept tokens the timed steps ran, per second
+    assert r["forward_tokens_per_s"] == pytest.approx(r["forward_clips_per_s"]
+                                                      * r["tokens_kept"])
+    assert r["train_tokens_per_s"] == pytest.approx(r["train_clips_per_s"]
+                                                    * r["train_tokens_kept"])
+    # the train ideal comes from the train step's own counts, not the forward pass's
+    assert r["train_efficiency"] == pytest.approx(r["train_speedup"] / r["train_ideal_speedup"])
+  assert none["train_tokens_kept"] == spec.num_tokens and none["train_ideal_speedup"] == 1.0
+  assert grouped["train_ideal_speedup"] > 1.0
+  breakdowns = report["device_time_ms"]
+  assert set(breakdowns) == {"none forward", "none train", "rlt stream, sorted forward",
+                             "rlt stream, sorted train"}
+  train = breakdowns["rlt stream, sorted train"]
+  assert train["matmuls"] > 0 and train["optimizer"] > 0 and train["phase 1"] > 0
+  assert list(tmp_path.glob("rlt_stream__sorted-train/**/*.trace.json.gz"))
   benchmark.print_table(report)
-  assert "fwd clips/s" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "forward (inference)" in out and "train step" in out and "idle" in out
+
+
+def test_no_timed_loop_contains_a_compilation(monkeypatch):
+  """Every plan a loop needs is compiled before the clock starts."""
+  timing = {"on": False}
+  compile, run_loop = two_phase.TwoPhase.compile, benchmark._run_loop
+
+  def watched_compile(self, plan, *args):
+    assert not (timing["on"] and plan not in self.executables), f"compiled {plan} while timed"
+    return compile(self, plan, *args)
+
+  def timed_loop(*args, **kwargs):
+    timing["on"] = True
+    try:
+      return run_loop(*args, **kwargs)
+    finally:
+      timing["on"] = False
+
+  monkeypatch.setattr(two_phase.TwoPhase, "compile", watched_compile)
+  monkeypatch.setattr(benchmark, "_run_loop", timed_loop)
+  benchmark.model_benchmark(tiny=True, only=("rlt stream, unsorted",))
 
 
 def test_synthetic_clips_spread_their_kept_tokens_like_real_video():

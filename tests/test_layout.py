@@ -348,11 +348,113 @@ class TestTokenize:
       k = batch["counts"][b]
       np.testing.assert_array_equal(again[b, :k], rows[b, :k])
 
+  def test_gradients_of_to_rows_and_from_rows_are_those_of_plain_indexing(self, batch):
+    """The backward of each is the other's gather (no scatter-add); it must equal the exact
+    transpose of indexing with a zero padding slot, whatever the cotangent holds."""
+    plan = layout.plan(batch["counts"], layout.Layout("stream", capacity_step=8), num_tokens=N,
+                       groups=2)
+    tokens = tokenize(batch["frames"], batch["mask"], plan)
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.normal(size=(2, plan.length, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, plan.length, 3)), jnp.float32)
+
+    def plain_to_rows(x):
+      x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+      return jax.vmap(lambda xg, i: xg[i])(x, tokens.rows).reshape(8, plan.capacity, 3)
+
+    def plain_from_rows(y):
+      y = jnp.concatenate([y.reshape(2, -1, 3), jnp.zeros_like(y.reshape(2, -1, 3)[:, :1])], 1)
+      return jax.vmap(lambda yg, i: yg[i])(y, tokens.slots)
+
+    ours = lambda x: layout.from_rows(jnp.sin(layout.to_rows(x, tokens)) ** 2, tokens)
+    plain = lambda x: plain_from_rows(jnp.sin(plain_to_rows(x)) ** 2)
+    np.testing.assert_array_equal(ours(x), plain(x))
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)
+    np.testing.assert_array_equal(grad(ours), grad(plain))
+
+  def test_the_train_step_of_the_stream_has_no_scatter(self, batch):
+    """Scatter-adds (the transposes of gathers) serialise on a GPU when many padding entries
+    add into one slot: the gradient of the stream layout must be gathers only."""
+    plan = layout.plan(batch["counts"], layout.Layout("stream", capacity_step=8), num_tokens=N,
+                       groups=2)
+    model = vit.build(dataclasses.replace(SPEC, length_embedding=True), drop_path=0.1)
+    params = model.init(jax.random.PRNGKey(0), full_tokens(batch["frames"][:1]))["params"]
+
+    def loss(params):
+      tokens = tokenize(batch["frames"], batch["mask"], plan)
+      return model.apply({"params": params}, tokens, train=True,
+                         rngs={"dropout": jax.random.PRNGKey(1)}).sum()
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    float_scatters = [line for line in hlo.splitlines()
+                      if " scatter(" in line and "f32[" in line.split("=")[1].split(" ")[1]]
+    assert not float_scatters
+
   def test_a_mask_that_does_not_fit_the_plan_is_an_error(self, batch):
     plan = layout.plan(batch["counts"], layout.Layout(), num_tokens=N, groups=2)
     with pytest.raises(ValueError, match="does not fit"):
       layout.tokenize(batch["frames"][:4], batch["mask"][:4], plan, tubelet_size=TS,
                       patch_size=P)
+
+
+class TestShapeSet:
+  """A run's shapes are fixed up front (at most `max_shapes`) and every batch fits one."""
+
+  def shapes(self, samples, kind="stream", max_shapes=4, groups=2, micro=1):
+    return layout.choose_shapes(samples, layout.Layout(kind, capacity_step=8, stream_buckets=8),
+                                num_tokens=N, groups=groups, micro_batches=micro,
+                                max_shapes=max_shapes, width=64, mlp_dim=256)
+
+  @pytest.mark.parametrize("kind", layout.KINDS)
+  def test_any_batch_fits_and_nothing_is_cut(self, kind):
+    rng = np.random.RandomState(0)
+    samples = [rng.randint(10, 40, 8) for _ in range(6)]
+    shapes = self.shapes(samples, kind)
+    assert 1 <= len(shapes.plans) <= 4
+    full = shapes.plans[-1]
+    assert full.capacity == N and full.length == full.clips * N  # holds anything
+    for _ in range(200):  # counts never seen, up to every token
+      counts = random_counts(rng, 8, N)
+      chosen = shapes.fit(counts)
+      assert chosen in shapes.plans
+      exact = layout.plan(counts, layout.Layout(kind, capacity_step=8, stream_buckets=8),
+                          num_tokens=N, groups=2)
+      assert chosen.capacity >= counts.max() and chosen.length >= exact.length or (
+          kind == "padded" and chosen.capacity >= exact.capacity)
+
+  def test_each_batch_takes_the_cheapest_shape_that_holds_it(self):
+    rng = np.random.RandomState(1)
+    samples = [rng.randint(5, 60, 8) for _ in range(12)]
+    shapes = self.shapes(samples, max_shapes=5)
+    cost = lambda p: layout.plan_flops(p, 64, 256)
+    assert [cost(p) for p in shapes.plans] == sorted(cost(p) for p in shapes.plans)
+    for counts in samples:
+      chosen = shapes.fit(counts)
+      _, slots, most = layout.needs(counts, groups=2)
+      holding = [p for p in shapes.plans if p.capacity >= most and p.length >= slots]
+      assert chosen == min(holding, key=cost)
+
+  def test_more_shapes_never_cost_more_and_the_samples_bound_how_many(self):
+    rng = np.random.RandomState(2)
+    samples = [rng.randint(5, 60, 8) for _ in range(12)]
+    spent = []
+    for k in (1, 2, 4, 16):
+      shapes = self.shapes(samples, max_shapes=k)
+      assert len(shapes.plans) <= k
+      spent.append(sum(layout.plan_flops(shapes.fit(c), 64, 256) for c in samples))
+    assert spent == sorted(spent, reverse=True) and spent[-1] < spent[0]
+    exact = {layout.plan(c, layout.Layout("stream", capacity_step=8, stream_buckets=8),
+                         num_tokens=N, groups=2) for c in samples}
+    assert len(self.shapes(samples, max_shapes=64).plans) <= len(exact) + 1
+
+  def test_micro_batches_are_planned_as_the_step_splits_them(self):
+    samples = [np.array([64, 0, 64, 0])]  # micro-batch 0 (rows 0 and 2) is full
+    shapes = self.shapes(samples, groups=1, micro=2)
+    assert shapes.fit(samples[0]).length == 2 * N
+
+  def test_a_json_round_trip_keeps_the_shapes(self):
+    shapes = self.shapes([np.arange(8) * 7])
+    assert layout.ShapeSet.from_json(shapes.to_json()) == shapes
 
 
 class TestFlops:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -150,7 +151,7 @@ def one_step(mesh, config, batch):
   spec = train.model_spec(config)
   model = train.build_model(config, spec, train=True)
   rng = jax.random.PRNGKey(0)
-  params = vit.build(spec).init(rng, train._example_tokens(spec))["params"]  # unrolled …
+  params = vit.build(spec).init(rng, vit.example_tokens(spec))["params"]  # unrolled …
   params = vit.arrange_blocks(params, config.model.scan)  # … whatever model.scan says
   tx, lr = optim.make(config, params, depth=spec.depth, total_steps=10, warmup_steps=0)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(3), "rng": rng,
@@ -254,6 +255,8 @@ def test_fsdp_splits_big_arrays_along_a_divisible_dimension():
     (lambda c: c.rlt.update(policy="sometimes"), r"config.rlt: .*policy='sometimes'"),
     (lambda c: c.rlt.update(threshold=float("nan")), r"config.rlt: .*threshold=nan"),
     (lambda c: c.layout.update(kind="packed"), r"config.layout: .*kind='packed'"),
+    (lambda c: c.layout.update(shapes=-1), r"config.layout.shapes=-1: expected an integer ≥ 0"),
+    (lambda c: c.layout.update(calibration_batches=0), r"config.layout.calibration_batches=0"),
     (lambda c: c.data.update(val_views="1x0"), r"val_views='1x0'"),
     (lambda c: c.mesh.update(fsdp=3), r"config.mesh: .*not divisible by 3"),
     (lambda c: c.update(mode="eval"), r"needs config.init_from"),
@@ -277,6 +280,10 @@ def test_training_resumes_after_kill_9_with_exactly_the_same_losses(data_dir, tm
   expected = losses(tmp_path / "reference")
   assert sorted(expected) == list(range(1, 9))
   assert "step 8/8" in reference.stdout and "Training finished" in reference.stdout
+  announced = re.search(r"compiling (\d+) train shapes?", reference.stdout)
+  assert announced and 1 <= int(announced.group(1)) <= 16  # chosen and compiled up front
+  assert set(losses(tmp_path / "reference", "compiled_shapes").values()) == {
+      int(announced.group(1))}  # and no step ever needed another
 
   for attempt in range(3):  # the kill must land before the run ends: retry if it came late
     workdir = tmp_path / f"killed{attempt}"
@@ -302,6 +309,14 @@ def test_training_resumes_after_kill_9_with_exactly_the_same_losses(data_dir, tm
   assert list((workdir / "tensorboard").iterdir())
   again = run_main(data_dir, workdir)
   assert again.returncode == 0 and "finished run" in again.stdout
+
+
+def test_a_run_compiles_no_more_train_shapes_than_layout_shapes(data_dir, tmp_path):
+  result = run_main(data_dir, tmp_path / "run", "--config.total_steps=4",
+                    "--config.layout.shapes=1", devices=1)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "compiling 1 train shape " in result.stdout  # the one that holds any batch
+  assert set(losses(tmp_path / "run", "compiled_shapes").values()) == {1}
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path):

@@ -339,6 +339,16 @@ def arrange_blocks(params: Any, scan: bool) -> Any:
   return params
 
 
+def example_tokens(spec: ModelSpec) -> layout.TokenBatch:
+  """A one-clip token batch of every token: what `init` needs (parameters do not depend on
+  the layout or the clip)."""
+  frames = jnp.zeros((1, spec.num_frames, spec.image_size, spec.image_size, 3), jnp.float32)
+  plan = layout.plan(np.asarray([spec.num_tokens]), layout.Layout("padded"),
+                     num_tokens=spec.num_tokens, groups=1)
+  return layout.tokenize(frames, jnp.ones((1, spec.num_tokens), bool), plan,
+                         tubelet_size=spec.tubelet_size, patch_size=spec.patch_size)
+
+
 def build(spec: ModelSpec, *, dtype: str = "float32", **runtime) -> VisionTransformer:
   """The model of `spec` with run-time settings (dtype by name, attention, remat, dropout…)."""
   if dtype not in DTYPES:
