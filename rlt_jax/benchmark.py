@@ -264,19 +264,16 @@ def _time_loop(driver: two_phase.TwoPhase, carry, inputs: list[tuple], *, advanc
                 compile_s), carry
 
 
-def _profile(directory: str, driver: two_phase.TwoPhase, carry, args: tuple, *, advance: bool,
-             steps: int = 3) -> dict[str, float]:
-  """Trace `steps` steady-state steps of one batch (one plan, already compiled) into
-  `directory` and group their device time."""
-  inputs = [args] * steps
-  carry, _ = _run_loop(driver, carry, inputs, advance=advance)  # steady state
+def _profile(directory: str, driver: two_phase.TwoPhase, carry, inputs: list[tuple], *,
+             advance: bool) -> dict[str, float]:
+  """Trace one steady-state pass of the loop (every plan already compiled and warmed up) into
+  `directory` and group its device time per step."""
+  carry, _ = _run_loop(driver, carry, inputs, advance=advance)
   with device_time.trace(directory):
     _run_loop(driver, carry, inputs, advance=advance)
-  plan = driver.plan(driver.begin(*args))
-  with driver.context():
-    first = driver._first.lower(*args).compile().as_text()
-  return device_time.breakdown(directory, phase_1=[first],
-                               phase_2=[driver.executables[plan].as_text()], steps=steps)
+  return device_time.breakdown(
+      directory, phase_1=[driver.phase_1_hlo(*inputs[0])],
+      phase_2=[e.as_text() for e in driver.executables.values()], steps=len(inputs))
 
 
 def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat16",
@@ -366,8 +363,8 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
            "forward_mfu": flops / timing.seconds / peak if peak else None}
     if profile and setting.name in ("none", "rlt stream, sorted"):
       breakdowns[f"{setting.name} forward"] = _profile(
-          os.path.join(profile, _slug(setting.name) + "-forward"), fwd.driver, params,
-          inputs[-1], advance=False)
+          os.path.join(profile, _slug(setting.name) + "-forward"), fwd.driver, params, inputs,
+          advance=False)
     if train_steps:
       train, breakdown = _train_timing(run_model, params, chunks, setting, mesh, repeats,
                                        profile)
@@ -456,7 +453,7 @@ def _train_timing(model, params, chunks, setting: Setting, mesh, repeats: int,
   breakdown = None
   if profile and setting.name in ("none", "rlt stream, sorted"):
     breakdown = _profile(os.path.join(profile, _slug(setting.name) + "-train"), step.driver,
-                         state, inputs[-1], advance=True)
+                         state, inputs, advance=True)
   return timing, breakdown
 
 
@@ -542,6 +539,16 @@ def real_clips(paths: list[str], *, num_frames: int = 16, size: int = 224, strid
   clips = [video.read_test_views(p, clips=lambda n: max(1, n // frames_per_clip), crops=1,
                                  clip_len=num_frames, stride=stride, size=size) for p in paths]
   return np.concatenate(clips)
+
+
+def _prefixes(only: str) -> tuple[str, ...]:
+  """--only's setting-name prefixes: comma-separated, unless the whole text starts a name
+  (setting names hold commas: 'rlt stream, sorted')."""
+  names = ("rlt padded, unsorted", "rlt padded, sorted", "rlt stream, unsorted",
+           "rlt stream, sorted", "random", "tome", "rlt+tome")
+  if any(name.startswith(only) for name in names):
+    return (only,) if only else ()
+  return tuple(p.strip() for p in only.split(",") if p.strip())
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -651,8 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
       result = model_benchmark(args.variant, args.batch, args.dtype, args.source, args.frames,
                                args.threshold, args.batches, args.repeats, args.tiny,
-                               not args.no_train, args.tome,
-                               tuple(filter(None, args.only.split(","))), args.draw,
+                               not args.no_train, args.tome, _prefixes(args.only), args.draw,
                                args.profile, args.scan)
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -51,8 +52,9 @@ class TwoPhase:
                donate: bool = False):
     self.planner, self.mesh = planner, mesh
     self._first = jax.jit(first, out_shardings=first_shardings)
-    self._second = jax.jit(second, static_argnums=2, donate_argnums=(0,) if donate else (),
-                           out_shardings=second_shardings)
+    self._second_fn, self._second_name = second, getattr(second, "__name__", "phase_2")
+    self._second_options = dict(static_argnums=2, donate_argnums=(0,) if donate else (),
+                                out_shardings=second_shardings)
     self.executables: dict[layout.Plan, Any] = {}
     self.compile_seconds: dict[layout.Plan, float] = {}
     self.uses: collections.Counter = collections.Counter()
@@ -75,10 +77,19 @@ class TwoPhase:
     """Phase 2's executable for `plan` (compiled now if it is new); arguments give shapes."""
     if plan not in self.executables:
       start = time.perf_counter()
+      # one name per plan (jit_<name>_<k>), so that a profile can tell their operations apart
+      second = functools.wraps(self._second_fn)(lambda *args: self._second_fn(*args))
+      second.__name__ = f"{self._second_name}_{len(self.executables)}"
       with self.context():
-        self.executables[plan] = self._second.lower(carry, outputs, plan).compile()
+        self.executables[plan] = jax.jit(second, **self._second_options).lower(
+            carry, outputs, plan).compile()
       self.compile_seconds[plan] = time.perf_counter() - start
     return self.executables[plan]
+
+  def phase_1_hlo(self, *inputs) -> str:
+    """The compiled HLO text of phase 1 for these inputs (for `device_time`)."""
+    with self.context():
+      return self._first.lower(*inputs).compile().as_text()
 
   def finish(self, carry: Any, pending: Pending) -> tuple[Any, layout.Plan]:
     """(phase 2's result, the plan it ran); dispatched, not waited for."""
