@@ -15,8 +15,9 @@ without it the model trains from scratch, which is not the recipe.
 Expected, from the paper (not reproduced here: no Kinetics copy on the project's machines):
 K400 top-1 ViT-B 80.9%, ViT-L 84.7%, ViT-H 86.2%, the same with RLT; RLT keeps ~2/3 of the tokens
 at stride 4 and fewer at stride 1. Every kept token is trained on (no capacity cap).
-Cost: see docs/benchmarks.md for the measured step times; H/16 and g/14 scan the blocks
-(model.scan: one block compiled for all), remat each, and shard parameters over all devices.
+Cost: see docs/benchmarks.md for the measured step times. Every variant scans its blocks
+(model.scan: one block compiled for all); H/16 and g/14 also remat each and shard parameters
+over all devices.
 """
 
 from rlt_jax import recipes

@@ -3,20 +3,27 @@
     python -m rlt_jax.benchmark clips VIDEO... --output clips.npy   # real clips, 16 × 224²
     python -m rlt_jax.benchmark model [--variant B/16] [--batch 32] [--dtype bfloat16]
         [--frames clips.npy [--draw N] | --source synthetic|DATA_GLOB] [--threshold 0.1] [--tome R]
-        [--no_train] [--tiny] [--output results.json]
+        [--no_train] [--scan] [--profile DIR] [--tiny] [--only NAMES] [--output results.json]
     python -m rlt_jax.benchmark data [--videos 8] [--seconds 10]
     python -m rlt_jax.benchmark compile [--variant L/16] [--remat full]
+    python -m rlt_jax.benchmark ops [--variant B/16] [--batch 32] [--frames clips.npy]
 
 `model`: forward (inference, `forward.Forward`) and train-step (the trainer's own
 `train.TrainStep`: augmentation, forward, backward, AdamW) throughput for: all tokens; RLT in
 the 'padded' and 'stream' layouts, with clips in their given order and grouped by kept count
 (as evaluation, predict and training batch them); random dropping at RLT's mean budget; ToMe
-at a matched budget, alone and after RLT. Per setting: clips/s, tokens kept, speedup over all
-tokens, the ideal speedup (FLOPs of every clip's own tokens, no padding: so the layout cannot
-inflate it), efficiency = achieved / ideal, RLT's own overhead (normalise + mask + counts, ms
-and % of the forward pass), compiled shapes, and MFU where the device's peak is known.
-Warm-up excluded, device synchronised, medians over repeats. `--tiny` runs a small model on
-small clips (CPU, < 1 min) and asserts nothing about speed.
+at a matched budget, alone and after RLT. Per setting, forward and train: clips/s, kept
+tokens/s, tokens kept, speedup over all tokens, the ideal speedup (FLOPs of every clip's own
+tokens, no padding: so the layout cannot inflate it), efficiency = achieved / ideal, shapes,
+compile seconds, MFU where the device's peak is known, and RLT's own overhead (normalise +
+mask + counts, ms and % of the forward pass). The train columns count the tokens the train
+step kept (after mixing and erasing), not the forward pass's. Every shape is compiled before
+the clock starts; one warm-up loop; device synchronised; medians over repeats. `--profile DIR`
+adds where the device time goes (`device_time`). `--tiny` runs a one-block tiny ViT on small
+clips (CPU, < 1 min) and asserts nothing about speed.
+
+`ops`: how many gathers, scatters, copies, concatenates … the compiled train step of one batch
+under RLT runs (its HLO, forward and backward).
 
 `compile`: seconds to compile one training forward + backward (one clip of all tokens, bf16)
 with the blocks unrolled and with `model.scan`, which traces and compiles one block for all.
@@ -213,6 +220,11 @@ def _median_time(fn, *args, repeats: int) -> float:
   return float(np.median(times))
 
 
+# The settings of `benchmark model`, in order (ToMe's, named with their r, follow).
+SETTINGS = ("none", "rlt padded, unsorted", "rlt padded, sorted", "rlt stream, unsorted",
+            "rlt stream, sorted", "random")
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
   name: str
@@ -319,14 +331,10 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
   fraction = float(kept.mean()) / n
   tome_budget = _tome_matching(spec, float(kept.mean())) if tome_r == -1 else tome_r
   stream, padded = layout_lib.Layout("stream"), layout_lib.Layout("padded")
-  settings = [
-      Setting("none", rlt.Policy("none"), padded, sort=False),
-      Setting("rlt padded, unsorted", rlt_policy, padded, sort=False),
-      Setting("rlt padded, sorted", rlt_policy, padded),
-      Setting("rlt stream, unsorted", rlt_policy, stream, sort=False),
-      Setting("rlt stream, sorted", rlt_policy, stream),
-      Setting("random", rlt.Policy("random", keep_fraction=max(fraction, 1 / n)), padded),
-  ]
+  random_policy = rlt.Policy("random", keep_fraction=max(fraction, 1 / n))
+  settings = [Setting(name, *how) for name, how in zip(SETTINGS, [
+      (rlt.Policy("none"), padded, False), (rlt_policy, padded, False), (rlt_policy, padded),
+      (rlt_policy, stream, False), (rlt_policy, stream), (random_policy, padded)])]
   if tome_budget:
     settings += [Setting(f"tome r={tome_budget}", rlt.Policy("none"), padded, tome=tome_budget),
                  Setting(f"rlt+tome r={tome_budget}", rlt_policy, padded, tome=tome_budget)]
@@ -345,12 +353,14 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
                              patch_size=spec.patch_size)
     order = forward.order_by_cost(counts) if setting.sort else np.arange(len(clips))
     chunks = [jnp.asarray(clips[order[i * batch:(i + 1) * batch]]) for i in range(batches)]
-    run_model = model.clone(tome=_schedule(spec, setting.tome)) if setting.tome else model
+    run_model = (model.clone(tome=_schedule(spec, setting.tome), scan=False) if setting.tome
+                 else model)  # ToMe changes the token count from block to block: no scan
+    run_params = vit.arrange_blocks(params, run_model.scan)
     tome = _schedule(spec, setting.tome) if setting.tome else ()
     fwd = forward.Forward(run_model, setting.policy, setting.layout)
     valid = np.ones(batch, bool)
     inputs = [(chunk, valid, rng) for chunk in chunks]
-    timing, _ = _time_loop(fwd.driver, params, inputs, advance=False, repeats=repeats)
+    timing, _ = _time_loop(fwd.driver, run_params, inputs, advance=False, repeats=repeats)
     select = jax.jit(lambda x, p=setting.policy: forward.select(x, p, spec, rng=rng)[2])
     overhead_s = sum(_median_time(select, chunk, repeats=repeats) for chunk in chunks)
     flops = forward_flops(spec, timing.counts, tome)
@@ -363,10 +373,10 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
            "forward_mfu": flops / timing.seconds / peak if peak else None}
     if profile and setting.name in ("none", "rlt stream, sorted"):
       breakdowns[f"{setting.name} forward"] = _profile(
-          os.path.join(profile, _slug(setting.name) + "-forward"), fwd.driver, params, inputs,
+          os.path.join(profile, _slug(setting.name) + "-forward"), fwd.driver, run_params, inputs,
           advance=False)
     if train_steps:
-      train, breakdown = _train_timing(run_model, params, chunks, setting, mesh, repeats,
+      train, breakdown = _train_timing(run_model, run_params, chunks, setting, mesh, repeats,
                                        profile)
       train_flops = forward_flops(spec, train.counts, tome)
       row.update({
@@ -422,13 +432,13 @@ def _tome_matching(spec: vit.ModelSpec, tokens: float) -> int:
   return best
 
 
-def _train_timing(model, params, chunks, setting: Setting, mesh, repeats: int,
-                  profile: str | None) -> tuple[Timing, dict | None]:
-  """The project's own train step (AdamW, augmentation, two phases) over the chunks, each at
-  `repeats` step indices; shapes chosen as a training run chooses them."""
+def _train_step(model, params, batch_size: int, policy: rlt.Policy,
+                token_layout: layout_lib.Layout, mesh) -> tuple[train_lib.TrainStep, dict]:
+  """The trainer's own step (the release's recipe: AdamW, layer decay, mixing, erasing, drop
+  path 0.1) and a fresh state of it on `mesh`."""
   spec = model.spec
   config = recipes.base("B/16")
-  config.batch_size = len(chunks[0])
+  config.batch_size = batch_size
   tx, lr_schedule = optim.make(config, params, depth=spec.depth, total_steps=1000,
                                warmup_steps=10)
   aug = augment.Augment(num_classes=spec.num_classes, **config.augment)
@@ -436,14 +446,26 @@ def _train_timing(model, params, chunks, setting: Setting, mesh, repeats: int,
            "rng": jax.random.PRNGKey(1), "bad_step": jnp.int32(-1)}
   shardings = sharding.tree_shardings(mesh, state)
   state = jax.device_put(jax.tree_util.tree_map(jnp.array, state), shardings)  # a copy: donated
-  step = train_lib.TrainStep(model.clone(drop_path=0.1), tx, lr_schedule, aug, setting.policy,
-                             setting.layout, 1, mesh, shardings)
-  batches = [sharding.global_batch(mesh, {"frames": np.asarray(chunk),
-                                          "label": np.zeros(len(chunk), np.int32),
-                                          "valid": np.ones(len(chunk), bool)})
-             for chunk in chunks]
+  step = train_lib.TrainStep(model.clone(drop_path=0.1), tx, lr_schedule, aug, policy,
+                             token_layout, 1, mesh, shardings)
+  return step, state
+
+
+def _train_batch(mesh, clips) -> dict[str, jax.Array]:
+  return sharding.global_batch(mesh, {"frames": np.asarray(clips),
+                                      "label": np.zeros(len(clips), np.int32),
+                                      "valid": np.ones(len(clips), bool)})
+
+
+def _train_timing(model, params, chunks, setting: Setting, mesh, repeats: int,
+                  profile: str | None) -> tuple[Timing, dict | None]:
+  """The project's own train step (AdamW, augmentation, two phases) over the chunks, each at
+  `repeats` step indices; shapes chosen as a training run chooses them."""
+  spec = model.spec
+  step, state = _train_step(model, params, len(chunks[0]), setting.policy, setting.layout, mesh)
   run_rng = jax.random.PRNGKey(1)  # the state's own key is donated with the state
-  inputs = [(run_rng, i * repeats + r, b) for i, b in enumerate(batches) for r in range(repeats)]
+  inputs = [(run_rng, i * repeats + r, _train_batch(mesh, chunk))
+            for i, chunk in enumerate(chunks) for r in range(repeats)]
   if setting.policy.kind == "rlt":  # as a run: a fixed set of shapes from its steps' counts
     samples = [step.begin(*args).host_counts() for args in inputs]
     step.use_shapes(layout_lib.choose_shapes(
@@ -455,6 +477,32 @@ def _train_timing(model, params, chunks, setting: Setting, mesh, repeats: int,
     breakdown = _profile(os.path.join(profile, _slug(setting.name) + "-train"), step.driver,
                          state, inputs, advance=True)
   return timing, breakdown
+
+
+def train_step_ops(variant: str, batch: int, dtype: str, frames_path: str | None,
+                   threshold: float = 0.1, kind: str = "stream") -> dict:
+  """Opcode counts of the compiled train step (phase 2) of the first `batch` clips under RLT:
+  how many gathers, scatters, copies and concatenates its forward and backward passes run."""
+  spec = vit.ModelSpec.from_variant(variant, num_classes=400)
+  model = vit.build(spec, dtype=dtype, attention="auto")
+  clips = (load_frames(frames_path, spec) if frames_path
+           else synthetic_clips(batch, num_frames=spec.num_frames, size=spec.image_size))
+  if len(clips) < batch:
+    raise ValueError(f"--frames {frames_path}: {len(clips)} clips, fewer than one batch of "
+                     f"{batch}")
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), vit.example_tokens(spec))[
+      "params"])
+  params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), params)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  step, state = _train_step(model, params, batch, rlt.Policy("rlt", threshold),
+                            layout_lib.Layout(kind), mesh)
+  pending = step.begin(jax.random.PRNGKey(1), 0, _train_batch(mesh, clips[:batch]))
+  plan = step.driver.plan(pending)
+  counts = device_time.op_counts(step.driver.compile(plan, state, pending.outputs).as_text())
+  return {"variant": variant, "batch": batch, "dtype": dtype, "layout": kind,
+          "plan": dataclasses.asdict(plan), "jax": jax.__version__,
+          "ops": {k: counts[k] for k in ("gather", "scatter", "copy", "concatenate",
+                                         "transpose", "dot", "custom-call", "fusion")}}
 
 
 def print_table(report: dict) -> None:
@@ -544,9 +592,7 @@ def real_clips(paths: list[str], *, num_frames: int = 16, size: int = 224, strid
 def _prefixes(only: str) -> tuple[str, ...]:
   """--only's setting-name prefixes: comma-separated, unless the whole text starts a name
   (setting names hold commas: 'rlt stream, sorted')."""
-  names = ("rlt padded, unsorted", "rlt padded, sorted", "rlt stream, unsorted",
-           "rlt stream, sorted", "random", "tome", "rlt+tome")
-  if any(name.startswith(only) for name in names):
+  if any(name.startswith(only) for name in SETTINGS + ("tome", "rlt+tome")):
     return (only,) if only else ()
   return tuple(p.strip() for p in only.split(",") if p.strip())
 
@@ -601,6 +647,14 @@ def main(argv: list[str] | None = None) -> None:
   ceiling_parser.add_argument("--window", type=int, default=16, help="batches sorted together")
   ceiling_parser.add_argument("--threshold", type=float, default=0.1)
   ceiling_parser.add_argument("--output", help="also write the results as JSON here")
+  ops_parser = sub.add_parser("ops", help="gathers, scatters, copies … of the compiled train "
+                              "step")
+  ops_parser.add_argument("--variant", default="B/16", choices=sorted(vit.VARIANTS))
+  ops_parser.add_argument("--batch", type=int, default=32)
+  ops_parser.add_argument("--dtype", default="bfloat16", choices=sorted(vit.DTYPES))
+  ops_parser.add_argument("--frames", help="a .npy of uint8 clips (default: synthetic clips)")
+  ops_parser.add_argument("--layout", default="stream", choices=layout_lib.KINDS)
+  ops_parser.add_argument("--output", help="also write the results as JSON here")
   compile_parser = sub.add_parser("compile", help="compile time, unrolled vs scanned blocks")
   compile_parser.add_argument("--variant", default="L/16", choices=sorted(vit.VARIANTS))
   compile_parser.add_argument("--remat", default="full", choices=sorted(vit.REMAT_POLICIES))
@@ -663,6 +717,16 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
       raise SystemExit(f"error: {e}") from None
     print_table(result)
+  elif args.what == "ops":
+    try:
+      result = train_step_ops(args.variant, args.batch, args.dtype, args.frames,
+                              kind=args.layout)
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+    plan = result["plan"]
+    print(f"{args.variant} train step, batch {args.batch}, {args.dtype}, {args.layout} layout "
+          f"({plan['length']} stream slots × rows of {plan['capacity']}), jax {jax.__version__}: "
+          + ", ".join(f"{n} {op}" for op, n in result["ops"].items()))
   elif args.what == "compile":
     result = {"variant": args.variant, "remat": args.remat, "jax": jax.__version__,
               "device": jax.devices()[0].device_kind,

@@ -135,6 +135,13 @@ def classify(hlo_texts: Iterable[str], *, phase_1: bool = False) -> dict[tuple[s
   return groups
 
 
+def op_counts(hlo: str) -> collections.Counter:
+  """How many instructions of each opcode a compiled HLO module holds, fused ones included
+  (e.g. how many scatters a train step's backward pass runs)."""
+  return collections.Counter(opcode for instructions in _computations(hlo).values()
+                             for _, opcode, _ in instructions)
+
+
 def _events(directory: str) -> list[dict]:
   """The newest trace under `directory`: its complete events."""
   paths = sorted(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True),

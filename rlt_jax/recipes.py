@@ -52,7 +52,6 @@ def base(variant: str = "B/16", dataset: str = "k400", *, rlt: bool = False
       dtype="bfloat16",        # activations: float32 | bfloat16 | float16 (params stay fp32)
       attention="auto",        # xla | cudnn | splash | auto (see models/attention.py)
       remat="none",            # none | full | dots: recompute blocks in the backward pass
-      scan=False,              # one nn.scan over the blocks: compile one block, not depth
       dropout=0.0,             # inside blocks
       drop_path=0.1,           # stochastic depth, linear over depth, one draw per clip
       head_dropout=0.0,        # before the head
@@ -61,6 +60,10 @@ def base(variant: str = "B/16", dataset: str = "k400", *, rlt: bool = False
   for name in ("patch_size", "tubelet_size", "num_frames", "image_size", "width", "depth",
                "num_heads", "mlp_dim"):
     c.model[name] = placeholder(int)  # None: the variant's own value
+  # The blocks as one nn.scan (one block compiled for all; on a CPU a train step as fast as
+  # unrolled blocks, docs/benchmarks.md). None: scan unless ToMe (whose token count changes
+  # from block to block) is on.
+  c.model.scan = placeholder(bool)
 
   c.rlt = ml_collections.ConfigDict(dict(
       policy="rlt" if rlt else "none",  # none | rlt | random: which tokens each clip keeps
@@ -149,7 +152,6 @@ def finetune(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_frames = a.frames
   if a.variant in ("H/16", "g/14"):
     c.model.remat = "full"     # activations of 32–40 blocks do not fit otherwise
-    c.model.scan = True        # and 32–40 unrolled blocks take minutes to compile
     c.mesh.update(data=1, fsdp=-1)
   if a.runlocal:               # a seconds-long smoke run of the same code on one machine
     c.update(batch_size=8, eval_batch_size=8, total_steps=4, log_every=1,

@@ -70,9 +70,14 @@ def build_model(config: ml_collections.ConfigDict, spec: vit.ModelSpec, *,
   m = config.model
   merges = tome.schedule(config.tome.r, spec.depth, spec.num_tokens) if config.tome.r else ()
   return vit.build(spec, dtype=m.dtype, attention=m.attention, remat=m.remat, tome=merges,
-                   scan=m.scan,
+                   scan=scans(config),
                    dropout=m.dropout if train else 0.0, drop_path=m.drop_path if train else 0.0,
                    head_dropout=m.head_dropout if train else 0.0)
+
+
+def scans(config: ml_collections.ConfigDict) -> bool:
+  """model.scan, or when unset: scan the blocks unless ToMe is on."""
+  return config.model.scan if config.model.scan is not None else not config.tome.r
 
 
 def parse_views(text: str, key: str) -> tuple[int, int]:
@@ -109,8 +114,8 @@ def check(config: ml_collections.ConfigDict, *, files_too: bool = True) -> vit.M
   if config.model.remat not in vit.REMAT_POLICIES:
     raise ConfigError(f"config.model.remat={config.model.remat!r}: expected one of "
                       f"{sorted(vit.REMAT_POLICIES)}")
-  if not isinstance(config.model.scan, bool):
-    raise ConfigError(f"config.model.scan={config.model.scan!r}: expected true or false")
+  if config.model.scan is not None and not isinstance(config.model.scan, bool):
+    raise ConfigError(f"config.model.scan={config.model.scan!r}: expected true, false or unset")
   if config.model.scan and config.tome.r:
     raise ConfigError(f"config.model.scan=True with config.tome.r={config.tome.r}: ToMe changes "
                       "the token count from block to block and a scan runs one shape through "
@@ -409,7 +414,7 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
   init = jax.jit(init_state, out_shardings=state_shardings)
   if config.init_from:
     _, loaded = checkpoint.load_model(config.init_from)
-    loaded = vit.arrange_blocks(loaded, config.model.scan)
+    loaded = vit.arrange_blocks(loaded, scans(config))
     checkpoint.check_params(loaded, abstract_params, config.init_from)
     state = init(jax.device_put(loaded, state_shardings["params"]))
   else:
@@ -631,7 +636,7 @@ def run_eval(config, workdir, mesh, spec) -> dict[str, Any]:
   """Evaluate `init_from` on data.final (else data.val) under the config's token policy."""
   model = build_model(config, spec, train=False)
   _, params = checkpoint.load_model(config.init_from)
-  params = vit.arrange_blocks(params, config.model.scan)
+  params = vit.arrange_blocks(params, scans(config))
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   checkpoint.check_params(params, abstract, config.init_from)
   params = jax.device_put(params, sharding.tree_shardings(mesh, abstract))

@@ -103,3 +103,9 @@ def test_a_few_real_clips_can_fill_several_batches_by_drawing(tmp_path):
 def test_compile_time_is_measured_for_unrolled_and_scanned_blocks():
   assert benchmark.compile_seconds("tiny", scan=False) > 0
   assert benchmark.compile_seconds("tiny", scan=True, remat="none") > 0
+
+
+def test_the_train_step_ops_show_no_scatter_but_the_token_placement():
+  report = benchmark.train_step_ops("tiny", 4, "float32", None)
+  assert report["plan"]["kind"] == "stream" and report["ops"]["gather"] > 0
+  assert report["ops"]["scatter"] <= 1  # layout.tokenize's integer slot placement only

@@ -152,7 +152,7 @@ def one_step(mesh, config, batch):
   model = train.build_model(config, spec, train=True)
   rng = jax.random.PRNGKey(0)
   params = vit.build(spec).init(rng, vit.example_tokens(spec))["params"]  # unrolled …
-  params = vit.arrange_blocks(params, config.model.scan)  # … whatever model.scan says
+  params = vit.arrange_blocks(params, train.scans(config))  # … whatever model.scan says
   tx, lr = optim.make(config, params, depth=spec.depth, total_steps=10, warmup_steps=0)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(3), "rng": rng,
            "bad_step": jnp.int32(-1)}
