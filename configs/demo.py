@@ -5,9 +5,9 @@
 Writes the synthetic dataset to ~/.cache/rlt_jax/demo on first use (2400 train / 240 val videos,
 8 motion classes), then trains a tiny ViT (64 tokens per 8 × 64² clip) for 2700 steps.
 Expected (measured on a 2-core CPU, 3 seeds; docs/benchmarks.md "Quick start"): validation
-top-1 94.0% ± 2.5 with RLT keeping 37 of 64 tokens, 0.070–0.075 s/step, 3.5–3.75 minutes.
-Without RLT (--config=configs/demo.py:rlt=False): 94.3% ± 2.5, 0.099–0.101 s/step,
-4.65–4.7 minutes.
+top-1 93.5% ± 2.5 with RLT keeping 37 of 64 tokens, 0.044–0.046 s/step, 2 min 14–18 s.
+Without RLT (--config=configs/demo.py:rlt=False): 92.6% ± 0.4, 0.060–0.062 s/step,
+2 min 49–59 s.
 """
 
 from rlt_jax import recipes, synthetic
