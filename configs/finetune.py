@@ -1,6 +1,6 @@
 """Fine-tune a VideoMAE-2 ViT on Kinetics-400 or Something-Something v2, with or without RLT.
 
-    python -m rlt_jax.main --workdir=gs://BUCKET/k400_b_rlt \
+    python -m rlt_jax.main --workdir=/ckpt/k400_b_rlt \
         --config='configs/finetune.py:variant=B/16,dataset=k400,rlt=True' \
         --config.init_from=models/videomae2_b_k710 \
         --config.data.train='/data/k400/train.tfrecord-*' --config.data.val='/data/k400/val.tfrecord-*'

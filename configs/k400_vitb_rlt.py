@@ -1,6 +1,6 @@
 """ViT-B/16 on Kinetics-400 with RLT (τ = 0.1): `configs/finetune.py:variant=B/16,rlt=True`.
 
-    python -m rlt_jax.main --config=configs/k400_vitb_rlt.py --workdir=gs://BUCKET/k400_vitb_rlt \
+    python -m rlt_jax.main --config=configs/k400_vitb_rlt.py --workdir=/ckpt/k400_vitb_rlt \
         --config.init_from=models/videomae2_b_k710 \
         --config.data.train='/data/k400/train.tfrecord-*' --config.data.val='/data/k400/val.tfrecord-*'
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM pod slice: create the slice, install rlt_jax on every worker, run
 # `python -m rlt_jax.main` on all workers at once (JAX's distributed runtime starts by itself on
-# Cloud TPU), with data and workdir on GCS. With --spot, a preempted slice is recreated and the
+# Cloud TPU), with data and workdir on GCS. The workdir's bucket is mounted with gcsfuse on every
+# worker (at $HOME/gcs/BUCKET) and the run writes there: checkpoints, the lock and the logs need
+# a file system, which a gs:// URL is not. With --spot, a preempted slice is recreated and the
 # same command resumes from the workdir's latest checkpoint.
 #
 #   launch/tpu_pod.sh --name rlt-v4 --zone us-central2-b --type v4-32 --config configs/k400_vitb_rlt.py \
@@ -47,8 +49,11 @@ run() {  # print the command; run it unless --dry_run
 
 create=(gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" --version="$VERSION")
 if [[ $SPOT -eq 1 ]]; then create+=(--spot); fi
-install="set -e; rm -rf rlt_jax; git clone --depth 1 --branch $BRANCH $REPO rlt_jax && cd rlt_jax && python3 -m pip install -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
-train="cd rlt_jax && python3 -m rlt_jax.main --config=$CONFIG --workdir=$WORKDIR"
+BUCKET="${WORKDIR#gs://}"; BUCKET="${BUCKET%%/*}"
+MOUNTED="\$HOME/gcs/$BUCKET${WORKDIR#gs://$BUCKET}"  # the workdir as every worker sees it
+install="set -e; rm -rf rlt_jax; git clone --depth 1 --branch $BRANCH $REPO rlt_jax && cd rlt_jax && python3 -m pip install -e . gcsfs 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+mount="set -e; if ! command -v gcsfuse >/dev/null; then echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list; curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -; sudo apt-get update -q; sudo apt-get install -y -q gcsfuse; fi; mkdir -p \$HOME/gcs/$BUCKET; mountpoint -q \$HOME/gcs/$BUCKET || gcsfuse --implicit-dirs --rename-dir-limit=1000000 $BUCKET \$HOME/gcs/$BUCKET"
+train="cd rlt_jax && python3 -m rlt_jax.main --config=$CONFIG --workdir=$MOUNTED"
 for arg in "${EXTRA[@]}"; do train+=" $(printf '%q' "$arg")"; done
 ssh=(gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command)
 
@@ -57,6 +62,7 @@ while :; do
   attempt=$((attempt + 1))
   run "${create[@]}" || true  # an existing slice is reused
   run "${ssh[@]}" "$install"
+  run "${ssh[@]}" "$mount"
   if run "${ssh[@]}" "$train"; then break; fi
   if [[ $SPOT -eq 0 || $DRY -eq 1 ]]; then
     [[ $DRY -eq 1 ]] && break

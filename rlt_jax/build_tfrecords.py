@@ -367,10 +367,11 @@ def build(entries: list[Entry], classes: list[str], *, output_dir: str, split: s
     _atomic_json(summary_file, {"split": split, "videos": len(entries), "shards": num_shards,
                                 "classes": len(classes), "complete": False})
     _remove_temporaries(output_dir, split)
-    _write_shards(entries, shards, output_dir, split, progress_dir, workers, encoding)
+    converted = _write_shards(entries, shards, output_dir, split, progress_dir, workers,
+                              encoding)
 
     summary = {"split": split, "videos": len(entries), "written": 0, "skipped": [],
-               "shards": num_shards, "classes": len(classes)}
+               "shards": num_shards, "classes": len(classes), "converted_now": converted}
     for s in range(num_shards):
       with open(os.path.join(progress_dir, f"{s:05d}.json")) as f:
         report = json.load(f)
@@ -383,8 +384,9 @@ def build(entries: list[Entry], classes: list[str], *, output_dir: str, split: s
 
 
 def _write_shards(entries: list[Entry], shards: list[np.ndarray], output_dir: str, split: str,
-                  progress_dir: str, workers: int, encoding: Encoding) -> None:
-  """Converts the shards not finished yet, each with a progress file written after it."""
+                  progress_dir: str, workers: int, encoding: Encoding) -> int:
+  """Converts the shards not finished yet, each with a progress file written after it;
+  returns how many videos this call converted (0: an earlier run had done them all)."""
   num_shards = len(shards)
   done = lambda s: all(os.path.exists(p) for p in (
       shard_path(output_dir, split, s, num_shards),
@@ -392,7 +394,10 @@ def _write_shards(entries: list[Entry], shards: list[np.ndarray], output_dir: st
       os.path.join(progress_dir, f"{s:05d}.json")))
   todo = [s for s in range(num_shards) if not done(s)]
   jobs = [(entries[i], encoding) for s in todo for i in shards[s]]
-  pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and jobs else None
+  # forkserver, not fork: a fork of a process whose threads (jax, grain, tqdm) hold locks can
+  # deadlock in the child
+  pool = (multiprocessing.get_context("forkserver").Pool(workers) if workers > 1 and jobs
+          else None)
   results = pool.imap(_encode_job, jobs) if pool else map(_encode_job, jobs)
   bar = tqdm.tqdm(total=len(entries), initial=len(entries) - len(jobs), unit="video",
                   desc=split, disable=None)
@@ -414,6 +419,7 @@ def _write_shards(entries: list[Entry], shards: list[np.ndarray], output_dir: st
     bar.close()
     if pool:
       pool.terminate()
+  return len(jobs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -461,9 +467,15 @@ def main(argv: list[str] | None = None) -> None:
                     seed=args.seed, overwrite=args.overwrite)
   except (AnnotationError, OSError) as e:
     sys.exit(f"error: {e}")
-  print(f"{args.split}: {summary['written']} of {summary['videos']} videos written to "
-        f"{summary['shards']} shards in {args.output_dir}; {summary['skipped_count']} skipped "
-        f"(listed in {args.split}.summary.json)")
+  done = (f"{summary['written']} of {summary['videos']} videos in {summary['shards']} shards "
+          f"in {args.output_dir}; {summary['skipped_count']} skipped (listed in "
+          f"{args.split}.summary.json)")
+  if summary["converted_now"] == 0:
+    print(f"{args.split}: already complete, nothing to do: {done}")
+  elif summary["converted_now"] < summary["videos"]:
+    print(f"{args.split}: resumed, {summary['converted_now']} videos converted now; {done}")
+  else:
+    print(f"{args.split}: {done.replace(' videos in', ' videos written to', 1)}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -52,9 +53,7 @@ def save_model(directory: str | os.PathLike, params: Any, spec: vit.ModelSpec | 
       staging.mkdir()  # exclusive: fails if the name exists
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("save_model:staging")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
+    _write_params(staging / PARAMS_DIR, params)
     if main:
       with files.atomic_write(staging / MODEL_JSON) as f:
         f.write(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -65,6 +64,15 @@ def save_model(directory: str | os.PathLike, params: Any, spec: vit.ModelSpec | 
     raise
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("save_model:done")
+
+
+def _write_params(directory: pathlib.Path, params: Any) -> None:
+  """The parameter tree as an orbax checkpoint at `directory` (every process writes its
+  shards)."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory, params)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
 
 
 def read_spec(directory: str | os.PathLike) -> vit.ModelSpec:
@@ -125,10 +133,44 @@ class _IteratorState:
     return json.dumps(self._state, indent=4).encode()
 
 
+class NoRestorableCheckpoint(RuntimeError):
+  """Every training checkpoint in a workdir is damaged or does not fit the model."""
+
+
+@jax.jit
+def fingerprint(tree: Any) -> jax.Array:
+  """Two 32-bit sums per array of its bits, each bit pattern weighted by its position:
+  any changed value changes them (but with a chance of about 2^-64). Integer arithmetic that
+  wraps, so the result does not depend on sharding or summation order. (arrays, 2) uint32."""
+  sums = []
+  for x in jax.tree_util.tree_leaves(tree):
+    x = jnp.asarray(x)
+    if x.dtype.itemsize == 8:
+      x = jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
+    elif x.dtype != jnp.bool_:
+      x = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    bits = x.reshape(-1).astype(jnp.uint32)
+    i = jnp.arange(bits.size, dtype=jnp.uint32)
+    first = bits * (i * jnp.uint32(2654435761) + jnp.uint32(1))
+    second = (bits ^ (i * jnp.uint32(2246822519))) * (i * jnp.uint32(3266489917) | jnp.uint32(1))
+    sums.append(jnp.stack([first.sum(dtype=jnp.uint32), second.sum(dtype=jnp.uint32)]))
+  return jnp.stack(sums)
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point value of a tree is finite."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+                            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+                           or [jnp.bool_(True)]))
+
+
 class TrainCheckpoints:
-  """Orbax CheckpointManager of the train state (params, optimizer, step, RNG) and the grain
-  iterator's state (one JSON per process), saved asynchronously, the last `keep` kept. A
-  checkpoint becomes visible only once complete (orbax commits by rename)."""
+  """Orbax CheckpointManager of the train state (params, optimizer, step, RNG), the grain
+  iterator's state (one JSON per process) and the state's array checksums, saved
+  asynchronously, the last `keep` kept. A checkpoint becomes visible only once complete
+  (orbax commits by rename); on restore its arrays must match their checksums and be finite,
+  or an earlier checkpoint is used."""
 
   def __init__(self, directory: str, *, keep: int):
     import grain
@@ -137,7 +179,8 @@ class TrainCheckpoints:
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                         enable_async_checkpointing=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "checksums": ocp.JsonCheckpointHandler()})
     self._grain = grain
 
   def latest_step(self) -> int | None:
@@ -148,16 +191,18 @@ class TrainCheckpoints:
 
   def save(self, step: int, state: Any, iterator_state: dict[str, Any],
            force: bool = False) -> None:
-    """Saves `state` and the data iterator's state before step `step`'s batch (the trainer
-    reads a batch ahead, so it passes the state it captured then, not the current one)."""
+    """Saves `state`, its checksums and the data iterator's state before step `step`'s batch
+    (the trainer reads a batch ahead, so it passes the state it captured then)."""
+    sums = np.asarray(jax.device_get(fingerprint(state)), np.uint32).tolist()
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=self._grain.checkpoint.CheckpointSave(_IteratorState(iterator_state))),
-        force=force)
+        data=self._grain.checkpoint.CheckpointSave(_IteratorState(iterator_state)),
+        checksums=ocp.args.JsonSave({"fingerprint": sums})), force=force)
 
   def restore(self, abstract_state: Any, shardings: Any, iterator: Any):
-    """(state, iterator, step) of the newest checkpoint that restores; damaged newer ones are
-    skipped with a warning that says why (an earlier intact one is better than no resume)."""
+    """(state, iterator, step) of the newest checkpoint that restores intact; damaged newer
+    ones are skipped with a warning that says why (an earlier intact one is better than no
+    resume). Raises NoRestorableCheckpoint, touching nothing, if none does."""
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
         shardings)
@@ -167,15 +212,40 @@ class TrainCheckpoints:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
             data=self._grain.checkpoint.CheckpointRestore(iterator)))
+        problem = self._damage(step, restored["state"])
       except Exception as e:  # missing files, bad metadata, truncated arrays …
-        problems.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
-        logging.warning("checkpoint %s/%d cannot be restored, trying an earlier one: %s",
-                        self.directory, step, e)
-        continue
-      return restored["state"], restored["data"], step
-    raise RuntimeError(f"no checkpoint in {self.directory} can be restored: "
-                       + "; ".join(problems) + ". A changed model (config.model, model.scan "
-                       "included) cannot resume them; move the directory away to start afresh.")
+        problem = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+      if problem is None:
+        if problems:
+          logging.warning("resuming from checkpoint %s/%d, the newest intact one (%s)",
+                          self.directory, step, "; ".join(problems))
+        return restored["state"], restored["data"], step
+      problems.append(f"step {step}: {problem}")
+      logging.info("checkpoint %s/%d cannot be used, trying an earlier one: %s",
+                   self.directory, step, problem)
+    raise NoRestorableCheckpoint(
+        f"no checkpoint in {self.directory} can be restored ({'; '.join(problems)}); they are "
+        "left as they are. A changed model (config.model, model.scan included) cannot resume "
+        "them; move the directory away to start afresh")
+
+  def _damage(self, step: int, state: Any) -> str | None:
+    """Why a restored state must not be used, or None: checksums that differ, or values that
+    are not finite (a checkpoint written before either check existed has no checksums)."""
+    if os.path.isdir(os.path.join(self.directory, str(step), "checksums")):
+      saved = self._manager.restore(step, args=ocp.args.Composite(
+          checksums=ocp.args.JsonRestore()))["checksums"]["fingerprint"]
+      got = np.asarray(jax.device_get(fingerprint(state)), np.uint32).tolist()
+      if got != saved:
+        bad = sum(a != b for a, b in zip(got, saved))
+        return f"{bad} of its {len(saved)} arrays differ from their checksums (damaged data)"
+    if not bool(all_finite(state)):
+      return "it holds values that are not finite"
+    return None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending saves and stops orbax's background work (call once, at the end)."""
+    self._manager.wait_until_finished()
+    self._manager.close()

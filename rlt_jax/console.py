@@ -12,10 +12,11 @@ import logging.handlers
 import os
 import shlex
 import sys
-import tempfile
 from typing import Any, Mapping
 
 import tqdm
+
+from rlt_jax import files
 
 _FILE_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 _CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -25,6 +26,7 @@ _SAY.propagate = False
 _SAY.setLevel(logging.INFO)
 _installed: list[logging.Handler] = []
 _log_file: str | None = None
+_early: logging.handlers.BufferingHandler | None = None
 
 
 def _is_main() -> bool:
@@ -41,20 +43,23 @@ def _drop_missing_libtpu(record: logging.LogRecord) -> bool:
 
 
 def log_path(workdir: str, process_index: int) -> str:
-  """Where process `process_index` logs; a remote workdir (gs://…) logs under the temp dir."""
+  """Where process `process_index` logs."""
   name = "log.txt" if process_index == 0 else f"log.process{process_index}.txt"
-  if "://" in workdir:
-    local = workdir.replace("://", "_").replace("/", "_")
-    return os.path.join(tempfile.gettempdir(), "rlt_jax_logs", local, name)
   return os.path.join(workdir, name)
 
 
-def setup_logging(workdir: str, verbose: bool) -> str:
-  """Sends python and absl logging at INFO to the workdir's log file and WARNING+ to stderr
-  (everything with `verbose`); returns the log file's path. Call after
-  `jax.distributed.initialize` (this asks jax for the process index); calling again replaces
-  the handlers of the previous call."""
-  global _log_file
+class _PrivateFileHandler(logging.FileHandler):
+  """A log file opened for appending without following a planted link."""
+
+  def _open(self):
+    return files.open_append(self.baseFilename)
+
+
+def setup_logging(verbose: bool) -> None:
+  """Sends WARNING+ to stderr (everything with `verbose`) and keeps every record at INFO in
+  memory until `log_to_file` names the file, so a run refused before it may write leaves no
+  log behind. Call after `jax.distributed.initialize`; calling again replaces the handlers."""
+  global _log_file, _early
   from absl import logging as absl_logging
   root = logging.getLogger()
   for handler in _installed:
@@ -62,6 +67,7 @@ def setup_logging(workdir: str, verbose: bool) -> str:
     _SAY.removeHandler(handler)
     handler.close()
   _installed.clear()
+  _log_file = None
   root.removeHandler(absl_logging.get_absl_handler())  # it prints everything to stderr
   root.setLevel(min(root.getEffectiveLevel(), logging.INFO))  # --verbosity=1 keeps DEBUG
   logging.getLogger("absl").setLevel(logging.NOTSET)
@@ -69,23 +75,38 @@ def setup_logging(workdir: str, verbose: bool) -> str:
   console.setLevel(logging.NOTSET if verbose else logging.WARNING)
   console.addFilter(_drop_missing_libtpu)
   console.setFormatter(logging.Formatter(_CONSOLE_FORMAT))
-  early = logging.handlers.BufferingHandler(capacity=100_000)
+  _early = logging.handlers.BufferingHandler(capacity=100_000)
   root.addHandler(console)
-  root.addHandler(early)
+  root.addHandler(_early)
+  _SAY.addHandler(_early)
+  _installed.extend([console, _early])
   import jax
-  index = jax.process_index()  # starts the backends: what they log is buffered in `early`
-  root.removeHandler(early)
-  _log_file = log_path(workdir, index)
-  os.makedirs(os.path.dirname(_log_file), exist_ok=True)
-  file = logging.FileHandler(_log_file, encoding="utf-8")
+  if jax.process_index() != 0:  # starts the backends: what they log is buffered in `_early`
+    console.setLevel(logging.WARNING)
+
+
+def log_to_file(workdir: str) -> str | None:
+  """Writes what was logged so far, and all that follows, to this process's log file in
+  `workdir` (opened without following links); returns its path. Call once the workdir has
+  been checked and locked."""
+  global _log_file, _early
+  import jax
+  if _early is None:  # setup_logging was not called (library use): leave logging alone
+    return None
+  root = logging.getLogger()
+  _log_file = log_path(workdir, jax.process_index())
+  file = _PrivateFileHandler(_log_file, encoding="utf-8")
   file.setFormatter(logging.Formatter(_FILE_FORMAT))
-  for record in early.buffer:
-    file.handle(record)
+  if _early is not None:
+    for record in _early.buffer:
+      file.handle(record)
+    root.removeHandler(_early)
+    _SAY.removeHandler(_early)
+    _installed.remove(_early)
+    _early = None
   root.addHandler(file)
   _SAY.addHandler(file)
-  if index != 0:
-    console.setLevel(logging.WARNING)
-  _installed.extend([console, file])
+  _installed.append(file)
   return _log_file
 
 
@@ -163,19 +184,20 @@ def _value(key: str, value: float) -> str:
 
 
 def summary(metrics: Mapping[str, Any], *, wall_time_s: float,
-            tokens_kept_fraction: float | None = None, workdir: str | None = None,
+            tokens_kept: Mapping[str, float] | None = None, workdir: str | None = None,
             model_dir: str | None = None, checkpoint_dir: str | None = None,
             tensorboard_dir: str | None = None, labels: str | None = None,
             title: str = "Training finished") -> str:
   """The closing block: the numbers worth reporting, where everything went, what to run next.
 
-  `metrics`' numbers are listed in order (other values are skipped); a path left None is left
-  out; `labels` (a classes.txt) is added to the predict command.
+  `metrics`' numbers are listed in order (other values are skipped); `tokens_kept` gives the
+  kept fraction where it was measured (e.g. 'train, after mixing', 'val'); a path left None is
+  left out; `labels` (a classes.txt) is added to the predict command.
   """
   rows = [(key, _value(key, value)) for key, value in metrics.items()
           if isinstance(value, (int, float)) and not isinstance(value, bool)]
-  if tokens_kept_fraction is not None:
-    rows.append(("tokens kept", f"{tokens_kept_fraction:.1%}"))
+  rows += [(f"tokens kept ({where})", f"{fraction:.1%}")
+           for where, fraction in (tokens_kept or {}).items() if fraction is not None]
   rows += [(name, path) for name, path in [
       ("workdir", workdir), ("model", model_dir), ("checkpoints", checkpoint_dir),
       ("TensorBoard", tensorboard_dir), ("log", _log_file)] if path]

@@ -1,4 +1,4 @@
-"""Safe file writes and the workdir lock.
+"""Safe file writes, the workdir's checks and its lock.
 
 Every file the project writes goes through `atomic_write` (or `atomic_directory`): the bytes land
 in a fresh, exclusively created temporary name beside the target and are renamed over it only
@@ -9,11 +9,13 @@ never clobbers another writer's temporary.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pathlib
 import shutil
 import socket
+import stat
 import tempfile
 from typing import IO, Iterator
 
@@ -92,15 +94,130 @@ class WorkdirLocked(RuntimeError):
   """Another live process holds the workdir."""
 
 
+class UnsafeWorkdir(ValueError):
+  """A workdir the run must not write into (someone else's, open to every user, planted
+  links, a remote URL)."""
+
+
+# What a run writes directly under its workdir: none of these may be a link or someone else's.
+WORKDIR_ENTRIES = (".lock", "log.txt", "metrics.jsonl", "checkpoints", "tensorboard", "cache",
+                   "model")
+
+
+def _owner(uid: int) -> str:
+  try:
+    import pwd
+    return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+  except (ImportError, KeyError):
+    return f"uid {uid}"
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  """Checks that a run may write into `workdir`, then creates it; returns its absolute path.
+
+  Refused, before anything is written: a URL (gs://…: mount the bucket instead), a workdir (or
+  link to one) owned by another user, one that every user may write to without the sticky bit
+  (others could plant links in it), anything but a directory, and an entry the run writes
+  (`WORKDIR_ENTRIES`, log files) that is a symbolic link or belongs to another user. Files in
+  it are then opened without following links (`open_private`), as git does with its own.
+  """
+  text = os.fspath(workdir)
+  if "://" in text:
+    raise UnsafeWorkdir(
+        f"--workdir={text}: remote workdirs are not supported (checkpoints, the lock and logs "
+        "need a file system); mount the bucket and pass the local path, e.g. gcsfuse "
+        "--implicit-dirs --rename-dir-limit=1000000 BUCKET /mnt/BUCKET (launch/tpu_pod.sh "
+        "does this on every worker)")
+  path = pathlib.Path(text).absolute()
+  me = os.geteuid()
+  for parent in reversed(path.parents):  # a folder anyone may rename things in is no shelter
+    st = _stat_or_none(parent)
+    if st is not None and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+      raise UnsafeWorkdir(f"--workdir={text}: {parent} may be written by every user, who could "
+                          "replace the workdir with a link; choose a workdir in a folder that "
+                          "is not")
+  if os.path.lexists(path):
+    for label, st in (("", os.lstat(path)), (" (the directory its link points to)",
+                                            _stat_or_none(path))):
+      if st is None:
+        raise UnsafeWorkdir(f"--workdir={text} is a link to nothing; remove it or choose "
+                            "another workdir")
+      if st.st_uid != me:
+        raise UnsafeWorkdir(f"--workdir={text}{label} belongs to {_owner(st.st_uid)}, not to "
+                            "you; a run writes only into a workdir of its own: choose another")
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+      raise UnsafeWorkdir(f"--workdir={text} is not a directory")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+      raise UnsafeWorkdir(f"--workdir={text} may be written by every user, who could plant "
+                          f"links to other files in it; make it yours alone: chmod o-w {text}")
+    for entry in path.iterdir():
+      if entry.name in WORKDIR_ENTRIES or entry.name.startswith("log."):
+        st = os.lstat(entry)
+        if stat.S_ISLNK(st.st_mode):
+          raise UnsafeWorkdir(f"{entry} is a symbolic link; a run never writes through links: "
+                              "remove it")
+        if st.st_uid != me:
+          raise UnsafeWorkdir(f"{entry} belongs to {_owner(st.st_uid)}, not to you: remove it "
+                              "or choose another workdir")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UnsafeWorkdir(f"--workdir={text}: cannot create it ({e.strerror})") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UnsafeWorkdir(f"--workdir={text} is not writable by you (read-only?); choose another")
+  return path
+
+
+def _stat_or_none(path: pathlib.Path) -> os.stat_result | None:
+  try:
+    return os.stat(path)
+  except FileNotFoundError:
+    return None
+
+
+def open_private(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+  """os.open that never follows a final symbolic link (a planted link fails with ELOOP)."""
+  try:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise UnsafeWorkdir(f"{path} is a symbolic link; a run never writes through links: "
+                          "remove it") from None
+    raise
+
+
+def open_append(path: str | os.PathLike) -> IO:
+  """A text file opened for appending (created if missing), never through a link."""
+  return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a",
+                   encoding="utf-8")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+  """Deletes what interrupted writers left directly in `directory` (`.NAME.XXXX.tmp` files and
+  staging directories, `.NAME.XXXX.old` directories); call only while holding its lock, when
+  no writer can be at work there. Returns the names removed."""
+  removed = []
+  for entry in pathlib.Path(directory).iterdir():
+    if entry.name.startswith(".") and entry.name.endswith((".tmp", ".old")):
+      if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+      else:
+        entry.unlink(missing_ok=True)
+      removed.append(entry.name)
+  return removed
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
   """Holds an exclusive lock on `workdir` (a `.lock` file) for the block.
 
   The lock is an `flock`, so it dies with its process: a lock left by a killed run is simply
-  taken over. The file records who holds it, so the refusal can name the other process.
+  taken over. The file records who holds it, so the refusal can name the other process. The
+  file is never opened through a link.
   """
   lock_path = pathlib.Path(workdir) / ".lock"
-  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  fd = open_private(lock_path, os.O_RDWR | os.O_CREAT)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

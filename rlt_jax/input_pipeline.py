@@ -64,6 +64,11 @@ class RecordSource:
   def __init__(self, shards: list[epath.Path]):
     self.shards = [str(s) for s in shards]
     indices = [tfrecord.read_index(s) for s in shards]
+    if empty := [s for s, index in zip(self.shards, indices) if len(index) == 0]:
+      more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+      raise ValueError(f"{empty[0]}{more}: holds no records, so its share of the data would be "
+                       "silently missing (a truncated or unfinished copy?); copy or rebuild it, "
+                       "or leave it out of the pattern")
     self._shard = np.concatenate([np.full(len(x), i, np.int32) for i, x in enumerate(indices)])
     self._offsets = np.concatenate(indices)
     self._local = threading.local()  # grain reads from several threads: a handle per thread
@@ -157,6 +162,10 @@ def _example(clip: np.ndarray, label: int, index: int, view: int, valid: bool, e
   return example
 
 
+class BadRecordError(ValueError):
+  """A record that cannot be read, with `strict=True`; the message names shard and offset."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
   """One (record, view) → one example; failures become invalid examples unless strict."""
@@ -177,7 +186,8 @@ class Transform:
     except Exception as e:  # corrupt data of any kind; counted unless strict
       message = f"{shard}: record at offset {offset}: {type(e).__name__}: {e}"
       if self.strict:
-        raise ValueError(message) from e
+        raise BadRecordError(f"{message} (config.data.strict stops at the first bad record)"
+                             ) from e
       logging.warning("skipping a bad record: %s", message)
       blank = np.zeros((s.num_frames, s.image_size, s.image_size, 3), np.uint8)
       return _example(blank, -1, index, view, False, True, s)
@@ -289,8 +299,8 @@ class _Order(grain.MapDataset):
 
 
 def record_costs(patterns: str, sampling: Sampling, *, cache_dir: str | None = None,
-                 process_index: int = 0, process_count: int = 1,
-                 workers: int = 0) -> np.ndarray:
+                 process_index: int = 0, process_count: int = 1, workers: int = 0,
+                 strict: bool = False) -> np.ndarray:
   """Tokens each record's centre clip keeps under `sampling.policy`: the sort key of training.
 
   Decodes one clip per record once; cached in `cache_dir` (keyed by shards, sampling and
@@ -306,7 +316,7 @@ def record_costs(patterns: str, sampling: Sampling, *, cache_dir: str | None = N
   centre = dataclasses.replace(sampling, views=(1, 1))
   share = np.arange(process_index, len(source), process_count)
   ds = grain.MapDataset.source(_Views(source, 1, process_index, process_count, 1))
-  ds = ds.map(Transform(centre, "eval")).to_iter_dataset(
+  ds = ds.map(Transform(centre, "eval", strict)).to_iter_dataset(
       grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=64))
   mine = np.asarray([int(e["kept"]) for e, _ in zip(ds, share)], np.int32)
   if process_count > 1:

@@ -21,10 +21,12 @@ Exit status: 0 done, 1 the run failed, 2 the command or the config is wrong.
 from __future__ import annotations
 
 import difflib
+import logging as pylogging
 import os
 import re
 import shlex
 import sys
+import traceback
 from typing import NoReturn
 
 from absl import app, flags, logging
@@ -115,6 +117,18 @@ def _unknown_override(path: str | None, keys: list[str]) -> str | None:
   return unknown_key_message(unknown[0], valid) if unknown else None
 
 
+def _broken_config_message(path: str | None, error: BaseException) -> str:
+  """One line for a config file that does not load: where in it, and what."""
+  where = path.split(":", 1)[0] if path else "the config file"
+  if isinstance(error, SyntaxError) and error.filename and error.lineno:
+    return (f"config file {where!r}, line {error.lineno}: {type(error).__name__}: "
+            f"{error.msg}")
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(where)]
+  line = f", line {frames[-1].lineno}" if frames else ""
+  return f"config file {where!r}{line}: {type(error).__name__}: {error}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with short help (exit 0) and one-line errors (exit 2)."""
   if any(arg in ("-h", "-?", "--help", "-help", "--helpshort") for arg in argv[1:]):
@@ -126,6 +140,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   path, keys = _config_args(argv)
   if path is not None and not os.path.isfile(path.split(":", 1)[0]):
     _fail(_missing_config_message(path.split(":", 1)[0]), USAGE_ERROR)
+  absl_logger = pylogging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(pylogging.ERROR)  # config_flags warns before raising; we say it once
   try:
     rest = FLAGS(argv)
   except flags.Error as e:
@@ -135,11 +152,16 @@ def parse_flags(argv: list[str]) -> list[str]:
       kind = config_flags.config_path.get_type(override[1], _load_config(path))
       message = f"{message.partition(': ')[0]}: expected {_TYPE_NAMES.get(kind, kind.__name__)}"
     _fail(message, USAGE_ERROR)
-  except (AttributeError, KeyError):  # an override key the config lacks, or a broken config
-    message = _unknown_override(path, keys)
-    if message is None:
-      raise
-    _fail(message, USAGE_ERROR)
+  except Exception as e:  # noqa: BLE001  (an override key the config lacks, or a broken file)
+    message = (_unknown_override(path, keys) if isinstance(e, (AttributeError, KeyError))
+               else None)
+    _fail(message or _broken_config_message(path, e), USAGE_ERROR)
+  finally:
+    absl_logger.setLevel(level)
+  if path is not None and not isinstance(FLAGS.config, config_dict.ConfigDict):
+    got = "None" if FLAGS.config is None else f"a {type(FLAGS.config).__name__}"
+    _fail(f"config file {path!r}: get_config() returned {got}; expected an "
+          "ml_collections.ConfigDict (e.g. recipes.base(...))", USAGE_ERROR)
   if len(rest) > 1:
     hint = f" (did you mean --config={rest[1]}?)" if rest[1].endswith(".py") else ""
     _fail(f"unexpected argument {rest[1]!r}{hint}; flags are written --name=value", USAGE_ERROR)
@@ -164,17 +186,18 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif _multi_process_environment():
     jax.distributed.initialize()
-  from rlt_jax import console, files, tfrecord, train
+  from rlt_jax import checkpoint, console, files, input_pipeline, tfrecord, train
   verbosity = FLAGS["verbosity"]  # absl's; it reads 0 (INFO) when not given
-  console.setup_logging(FLAGS.workdir,
-                        verbose=FLAGS.verbose or (verbosity.present and verbosity.value >= 0))
+  console.setup_logging(verbose=FLAGS.verbose or (verbosity.present and verbosity.value >= 0))
   logging.info("command: %s", shlex.join(sys.argv))
   try:
     train.run(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, FileNotFoundError, files.WorkdirLocked, tfrecord.CorruptRecordError,
-          train.DataError, train.NonFiniteLossError) as e:
+  except (train.ConfigError, files.UnsafeWorkdir, FileNotFoundError, files.WorkdirLocked,
+          tfrecord.CorruptRecordError, train.DataError, train.NonFiniteLossError,
+          checkpoint.NoRestorableCheckpoint, input_pipeline.BadRecordError, OSError) as e:
     logging.info("stopped by an error", exc_info=True)  # the traceback: log file only
-    _fail(str(e), USAGE_ERROR if isinstance(e, train.ConfigError) else RUN_ERROR)
+    usage = isinstance(e, (train.ConfigError, files.UnsafeWorkdir))
+    _fail(str(e), USAGE_ERROR if usage else RUN_ERROR)
 
 
 if __name__ == "__main__":

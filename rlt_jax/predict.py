@@ -27,6 +27,18 @@ from rlt_jax import (checkpoint, convert, files, forward, layout, rlt, torch_che
 from rlt_jax.models import vit
 
 
+def check_output(path: str) -> None:
+  """Raises ValueError unless a file can be written at `path` (checked before inference)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f"--output {path}: is a directory; expected a file name (.npy)")
+  if not os.path.isdir(folder):
+    raise ValueError(f"--output {path}: the folder {folder} does not exist")
+  if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                   and not os.access(path, os.W_OK)):
+    raise ValueError(f"--output {path}: not writable by you")
+
+
 def load(path: str) -> tuple[vit.ModelSpec, dict]:
   """(spec, params) from a converted directory or, converted on the fly, a .pth."""
   if os.path.isdir(path):
@@ -98,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     for path in (args.checkpoint, args.frames or args.video, args.labels):
       if path and not os.path.exists(path):
         raise ValueError(f"{path}: no such file or directory")
+    if args.output:
+      check_output(args.output)  # before the work, not after it
     spec, params = load(args.checkpoint)
     predictor = Predictor(spec, params, policy=token_policy, batch_size=args.batch_size,
                           tome=args.tome)
@@ -133,12 +147,17 @@ def main(argv: list[str] | None = None) -> None:
     with files.atomic_write(args.output, "wb") as f:
       np.save(f, logits)
   fraction = kept.mean() / spec.num_tokens
-  print(f"{len(logits)} clip(s), policy {args.policy}: {kept.mean():.0f} of "
-        f"{spec.num_tokens} tokens kept on average ({fraction:.1%})")
+  geometry = f"{spec.num_frames} frames of {spec.image_size}×{spec.image_size}"
+  source = (f"{views[0]} clips × {views[1]} crops of {args.video} (every 4th frame, short side "
+            f"{spec.image_size})" if args.video else f"the clips of {args.frames}")
+  print(f"{len(logits)} clip(s) of {geometry}: {source}; policy {args.policy}: "
+        f"{kept.mean():.0f} of {spec.num_tokens} tokens kept on average ({fraction:.1%})")
   if args.video:
     probs = jax.nn.softmax(logits, axis=-1).mean(0)
+    print("top-5 (softmax averaged over the views)"
+          + ("" if names else "; class indices: --labels classes.txt gives their names"))
     for rank, c in enumerate(np.argsort(-probs)[:5], 1):
-      print(f"  {rank}. {names[c] if names else c}  {probs[c]:.3f}")
+      print(f"  {rank}. {names[c] if names else f'class {c}'}  {probs[c]:.3f}")
   elif args.output:
     print(f"wrote logits {logits.shape} to {args.output}")
 

@@ -132,6 +132,22 @@ def _mismatch(output_dir: str, params: dict) -> str | None:
                if _describe(os.path.join(output_dir, name)) != listed[name]), None)
 
 
+def check_folder(output_dir: str) -> None:
+  """Raises FileExistsError unless `output_dir` is missing, empty or a synthetic dataset this
+  generator wrote (the only folders `generate` may replace); writes nothing."""
+  if not os.path.exists(output_dir):
+    return
+  if not os.path.isdir(output_dir):
+    raise FileExistsError(f"{output_dir}: not a folder; not replacing it: remove it or choose "
+                          "another folder")
+  names = sorted(os.listdir(output_dir))
+  if names and (MANIFEST not in names or not all(map(_OURS.fullmatch, names))):
+    raise FileExistsError(
+        f"{output_dir}: holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}, not "
+        "a synthetic dataset this generator wrote; not replacing it: remove it or choose "
+        "another folder")
+
+
 def generate(output_dir: str, *, train_videos: int = 2400, val_videos: int = 240,
              size: int = 64, num_frames: int = 24, videos_per_shard: int = 300,
              seed: int = 0) -> None:
@@ -144,15 +160,10 @@ def generate(output_dir: str, *, train_videos: int = 2400, val_videos: int = 240
             "size": size, "num_frames": num_frames, "videos_per_shard": videos_per_shard,
             "seed": seed}
   output_dir = os.path.abspath(output_dir)
+  check_folder(output_dir)
   if os.path.exists(output_dir):
     if not (why := _mismatch(output_dir, params)):
       return
-    names = sorted(os.listdir(output_dir))
-    if names and (MANIFEST not in names or not all(map(_OURS.fullmatch, names))):
-      raise FileExistsError(
-          f"{output_dir}: holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}, not "
-          "a synthetic dataset this generator wrote; not replacing it: remove it or choose "
-          "another folder")
   else:
     why = "no dataset there"
   print(f"generating the demo dataset ({train_videos + val_videos} videos) in {output_dir} "

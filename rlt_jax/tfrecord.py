@@ -35,7 +35,7 @@ _MIN_RECORD = _HEADER.size + _FOOTER.size
 _SHARD_NAME = re.compile(r"(?P<prefix>.+)-(?P<index>\d+)-of-(?P<count>\d+)")
 BUILD_HELP = ("build them with `python data/build_tfrecords.py --format kinetics|ssv2|list "
               "--annotations FILE --video_dir DIR --output_dir OUT --split SPLIT` (README.md, "
-              "section \"Data\"), or write the demo dataset with `python -m rlt_jax.synthetic`")
+              "section \"Data\")")
 
 
 class CorruptRecordError(ValueError):

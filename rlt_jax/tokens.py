@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import dataclasses
 import math
 import os
 import sys
@@ -39,9 +40,22 @@ DROPPED_GREY = 128  # dropped pixels become 0.25 · pixel + 0.75 · this
 
 
 def video_clips(path: str, *, num_frames: int = NUM_FRAMES, image_size: int = IMAGE_SIZE,
-                stride: int = STRIDE) -> np.ndarray:
-  return video.read_test_views(path, clips=lambda n: max(1, n // (num_frames * stride)),
-                               crops=1, clip_len=num_frames, stride=stride, size=image_size)
+                stride: int = STRIDE) -> tuple[np.ndarray, np.ndarray]:
+  """(clips, sources): the clips and, per clip position, its source frame (-1: past the
+  video's end, where the clip repeats the last frame)."""
+  per_video = lambda n: max(1, n // (num_frames * stride))
+  clips = video.read_test_views(path, clips=per_video, crops=1, clip_len=num_frames,
+                                stride=stride, size=image_size)
+  n = video.count_frames(path)
+  return clips, video.test_clip_sources(n, clips=per_video(n), clip_len=num_frames,
+                                        stride=stride)
+
+
+def padded_tubelets(sources: np.ndarray | None, tubelets: int) -> np.ndarray:
+  """bool (clips, T'): tubelets whose every frame lies past the video's end (padding)."""
+  if sources is None:
+    return np.zeros((1, tubelets), bool)
+  return (sources.reshape(len(sources), tubelets, TUBELET) < 0).all(-1)
 
 
 def data_clips(patterns: str, max_clips: int, *, num_frames: int = NUM_FRAMES,
@@ -106,10 +120,17 @@ def keep_mask(clips: np.ndarray, threshold: float) -> np.ndarray:
                        tubelet_size=TUBELET, patch_size=PATCH)
 
 
-def kept_counts(clips: np.ndarray, threshold: float, chunk: int = 4) -> np.ndarray:
-  """Tokens kept per clip, `chunk` clips at a time: the mask takes ~10× a clip's uint8 bytes."""
-  return np.concatenate([keep_mask(clips[i:i + chunk], threshold).sum((1, 2, 3))
-                         for i in range(0, len(clips), chunk)])
+def kept_counts(clips: np.ndarray, threshold: float, chunk: int = 4,
+                padded: np.ndarray | None = None) -> np.ndarray:
+  """Tokens kept per clip, `chunk` clips at a time (the mask takes ~10× a clip's uint8
+  bytes); tubelets marked in `padded` (clips, T') are left out."""
+  counts = []
+  for i in range(0, len(clips), chunk):
+    mask = keep_mask(clips[i:i + chunk], threshold)
+    if padded is not None:
+      mask = mask & ~padded[i:i + chunk, :, None, None]
+    counts.append(mask.sum((1, 2, 3)))
+  return np.concatenate(counts)
 
 
 def histogram(fractions: np.ndarray, bins: int = 10, width: int = 40) -> list[str]:
@@ -236,40 +257,69 @@ def _enlarge(frames: np.ndarray) -> np.ndarray:
   return frames.repeat(factor, -3).repeat(factor, -2)
 
 
-def _heading(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str) -> list[str]:
-  kept, total = int(mask.sum()), mask.size
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a clip's frames come from: each position's source frame (-1: padding past the
+  video's end) and the video's frame rate. Without one, positions are labelled in the clip."""
+  frames: np.ndarray
+  rate: float
+
+
+def _heading(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str,
+             source: Source | None) -> list[str]:
+  padded = padded_tubelets(None if source is None else source.frames[None], len(mask))[0]
+  kept, total = int(mask[~padded].sum()), int(mask[~padded].size)
   t, h, w = clip.shape[:3]
-  return [f"RLT at tau = {threshold:g}: {kept} of {total} tokens kept ({kept / total:.1%})",
-          f"{caption}: {t} frames of {w}x{h}, {mask.shape[0]} tubelets of {TUBELET} frames, "
-          f"{mask.shape[2]}x{mask.shape[1]} patches of {PATCH}x{PATCH} pixels."]
+  lines = [f"RLT at tau = {threshold:g}: {kept} of {total} tokens kept ({kept / max(total, 1):.1%})",
+           f"{caption}: {t} frames of {w}x{h}, {mask.shape[0]} tubelets of {TUBELET} frames, "
+           f"{mask.shape[2]}x{mask.shape[1]} patches of {PATCH}x{PATCH} pixels."]
+  if padded.any():
+    lines.append(f"The video ends before the clip: its last {int(padded.sum())} tubelet(s) "
+                 "repeat the last frame (padding, marked and left out of the count).")
+  return lines
 
 
-def _tubelet_label(mask: np.ndarray, j: int) -> list[str]:
+def _frames_text(source: Source | None, first: int, last: int) -> str:
+  """Clip positions first..last, as source frames and times when the source is known."""
+  if source is None:
+    return f"frames {first}-{last}"
+  real = [int(f) for f in source.frames[first:last + 1] if f >= 0]
+  if not real:
+    return "padding: past the video's end"
+  return (f"source frames {real[0]}-{real[-1]} "
+          f"({real[0] / source.rate:.2f}-{real[-1] / source.rate:.2f} s)")
+
+
+def _tubelet_label(mask: np.ndarray, j: int, source: Source | None = None) -> list[str]:
   kept, total = int(mask[j].sum()), mask[j].size
-  return [f"tubelet {j}: frames {j * TUBELET}-{(j + 1) * TUBELET - 1}",
-          f"{kept} of {total} kept ({kept / total:.0%})"]
+  text = _frames_text(source, j * TUBELET, (j + 1) * TUBELET - 1)
+  if text.startswith("padding"):
+    return [f"tubelet {j}: {text}", "not counted"]
+  return [f"tubelet {j}: {text}", f"{kept} of {total} kept ({kept / total:.0%})"]
 
 
-def picture(clip: np.ndarray, mask: np.ndarray, threshold: float,
-            caption: str) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
+def picture(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str,
+            source: Source | None = None) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
   """The PNG: per tubelet (4 a row) its first frame as decoded above its tokens.
 
   Returns it and, per tubelet, the (top, left) of the frame and of the tokens.
   """
   frames, tokens = _enlarge(clip[::TUBELET]), _enlarge(overlay(clip, mask)[::TUBELET])
-  cells = [(_tubelet_label(mask, j), [frames[j], tokens[j]]) for j in range(len(mask))]
-  heading = _heading(clip, mask, threshold, caption) + [
+  cells = [(_tubelet_label(mask, j, source), [frames[j], tokens[j]]) for j in range(len(mask))]
+  heading = _heading(clip, mask, threshold, caption, source) + [
       "Top: the first frame of each tubelet as decoded. Below: its tokens."]
   return _sheet(heading, [cells[i:i + 4] for i in range(0, len(cells), 4)], len(mask))
 
 
-def animation(clip: np.ndarray, mask: np.ndarray, threshold: float,
-              caption: str) -> list[np.ndarray]:
+def animation(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str,
+              source: Source | None = None) -> list[np.ndarray]:
   """The GIF's frames: each frame as decoded beside its tokens."""
   frames, tokens = _enlarge(clip), _enlarge(overlay(clip, mask))
-  heading = _heading(clip, mask, threshold, caption)
-  return [_sheet(heading, [[([f"frame {t} of 0-{len(clip) - 1}", "as decoded"], [frames[t]]),
-                            (_tubelet_label(mask, t // TUBELET), [tokens[t]])]], len(mask))[0]
+  heading = _heading(clip, mask, threshold, caption, source)
+  return [_sheet(heading, [[([f"clip frame {t} of 0-{len(clip) - 1}",
+                              _frames_text(source, t, t)], [frames[t]]),
+                             (_tubelet_label(mask, t // TUBELET, source), [tokens[t]])]],
+                 len(mask))[0]
           for t in range(len(clip))]
 
 
@@ -327,10 +377,12 @@ def main(argv: list[str] | None = None) -> None:
     _check_output(args.save_gif, "--save_gif")
     if (args.video or args.frames) and not os.path.isfile(name):
       raise ValueError(f"{name}: no such file")
+    sources, rate = None, None
     if args.frames:
       clips = load_clips(args.frames)
     elif args.video:
-      clips = video_clips(args.video, **sizes)
+      clips, sources = video_clips(args.video, **sizes)
+      rate = video.frame_rate(args.video)
     else:
       clips = data_clips(args.data, args.max_clips, **sizes)
     check_clips(clips, name)
@@ -338,28 +390,36 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(f"error: {e}")
   clips = clips[:args.max_clips]
   t, h, w = clips.shape[1:4]
-  total = math.prod(rlt.token_grid(clips.shape, TUBELET, PATCH))
+  grid = rlt.token_grid(clips.shape, TUBELET, PATCH)
+  per_tubelet, total = grid[1] * grid[2], math.prod(grid)
+  padded = None if sources is None else padded_tubelets(sources[:len(clips)], grid[0])
+  totals = np.full(len(clips), total) if padded is None else (~padded).sum(1) * per_tubelet
   print(f"{len(clips)} clip(s) of {t} × {h}×{w} ({total} tokens each) from {name}")
+  if padded is not None and padded.any():
+    print(f"  the video is shorter than its clip: {int(padded.sum())} tubelet(s) past its end "
+          "repeat the last frame; they are padding and left out of every count below")
   for threshold in thresholds:
-    kept = kept_counts(clips, threshold)
+    kept = kept_counts(clips, threshold, padded=padded)
     p10, p50, p90 = np.percentile(kept, [10, 50, 90])
-    print(f"τ = {threshold:g}: {kept.mean():.0f} of {total} kept on average "
-          f"({kept.mean() / total:.1%}); p10 {p10:.0f}, p50 {p50:.0f}, p90 {p90:.0f}")
+    print(f"τ = {threshold:g}: {kept.mean():.0f} of {totals.mean():.0f} kept on average "
+          f"({kept.sum() / totals.sum():.1%}); p10 {p10:.0f}, p50 {p50:.0f}, p90 {p90:.0f}")
     if args.video:
       print("  per clip: " + " ".join(str(int(k)) for k in kept))
-    print("\n".join(histogram(kept / total)))
+    print("\n".join(histogram(kept / totals)))
   if args.save_png or args.save_gif:
     clip = np.asarray(clips[0])
     mask = keep_mask(clip[None], thresholds[0])[0]
     caption = f"clip 1 of {len(clips)} from {os.path.basename(name)}"
+    source = None if sources is None else Source(sources[0], rate)
   if args.save_png:
     with files.atomic_write(args.save_png, "wb") as f:
-      Image.fromarray(picture(clip, mask, thresholds[0], caption)[0]).save(f, format="PNG")
+      Image.fromarray(picture(clip, mask, thresholds[0], caption, source)[0]).save(
+          f, format="PNG")
     print(f"wrote {args.save_png}")
   if args.save_gif:
     # Octree keeps the colours of small areas (frames, swatches); median cut merges them.
     images = [Image.fromarray(a).quantize(256, method=Image.Quantize.FASTOCTREE)
-              for a in animation(clip, mask, thresholds[0], caption)]
+              for a in animation(clip, mask, thresholds[0], caption, source)]
     with files.atomic_write(args.save_gif, "wb") as f:
       images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=150,
                      loop=0)

@@ -146,11 +146,11 @@ def check(config: ml_collections.ConfigDict, *, files_too: bool = True) -> vit.M
                       "expected a share in [0, 1]")
   if config.total_steps is not None and config.total_steps < 1:
     raise ConfigError(f"config.total_steps={config.total_steps!r}: expected ≥ 1 or unset")
+  _check_numbers(config)
   if config.data.synthetic_dir and files_too:
     try:
-      synthetic.generate(config.data.synthetic_dir, size=config.data.synthetic_size,
-                         num_frames=config.data.synthetic_frames)
-    except (FileExistsError, ValueError) as e:
+      synthetic.check_folder(os.path.abspath(config.data.synthetic_dir))
+    except FileExistsError as e:
       raise ConfigError(f"config.data.synthetic_dir: {e}") from None
   devices = jax.device_count()
   for name in ("batch_size", "eval_batch_size"):
@@ -170,14 +170,75 @@ def check(config: ml_collections.ConfigDict, *, files_too: bool = True) -> vit.M
   if not files_too:
     return spec
   for split in splits:
+    if _generated(config, split):
+      continue  # written by the run itself (`write_synthetic`), once the workdir is locked
     try:
-      input_pipeline.list_shards(config.data[split])
+      records = input_pipeline.num_examples(config.data[split])
+      classes = input_pipeline.read_classes(config.data[split])
     except (FileNotFoundError, ValueError) as e:
       advice = ("" if "build_tfrecords" in str(e) else ". Build the shards with python "
                 "data/build_tfrecords.py (README, 'Data')")
       raise ConfigError(f"config.data.{split}: {e}{advice}, or point --config.data.{split} at "
                         "them") from None
+    if classes and len(classes) != spec.num_classes:
+      raise ConfigError(
+          f"config.data.{split}: its classes.txt lists {len(classes)} classes but the model "
+          f"has {spec.num_classes} (config.model.num_classes, or init_from's head): a label "
+          "the data cannot have would be trained, or one the model cannot predict evaluated")
+    if split == "train" and records < config.batch_size:
+      raise ConfigError(f"config.batch_size={config.batch_size}: the training data "
+                        f"({config.data.train}) holds {records} videos, fewer than one batch")
   return spec
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Numbers that would train on nonsense: non-finite values anywhere, strides and epochs
+  that select no frames or no steps, learning rates that learn nothing."""
+  for key, value in _leaves(config):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config.{key}={value!r}: expected a finite number")
+  if not isinstance(config.data.stride, (int, float)) or config.data.stride <= 0:
+    raise ConfigError(f"config.data.stride={config.data.stride!r}: expected a positive number "
+                      "of frames between sampled frames")
+  if config.data.source_fps is not None and config.data.source_fps <= 0:
+    raise ConfigError(f"config.data.source_fps={config.data.source_fps!r}: expected > 0 or unset")
+  if config.mode == "train" and config.total_steps is None and not config.num_epochs > 0:
+    raise ConfigError(f"config.num_epochs={config.num_epochs!r}: expected > 0 (or set "
+                      "config.total_steps)")
+  if config.mode == "train" and not config.optim.lr > 0:
+    raise ConfigError(f"config.optim.lr={config.optim.lr!r}: expected > 0")
+  for name in ("min_lr", "weight_decay", "clip_grad_norm"):
+    if config.optim[name] < 0:
+      raise ConfigError(f"config.optim.{name}={config.optim[name]!r}: expected ≥ 0")
+  if config.warmup_epochs < 0:
+    raise ConfigError(f"config.warmup_epochs={config.warmup_epochs!r}: expected ≥ 0")
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+  """(dotted key, value) of every field, sub-configs included."""
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{name}.")
+    else:
+      yield prefix + name, value
+
+
+def _generated(config: ml_collections.ConfigDict, split: str) -> bool:
+  """Whether a split's shards are the synthetic dataset the run writes (data.synthetic_dir)."""
+  folder = config.data.synthetic_dir
+  return bool(folder) and all(
+      os.path.abspath(p.strip()).startswith(os.path.abspath(folder) + os.sep)
+      for p in config.data[split].split(",") if p.strip())
+
+
+def write_synthetic(config: ml_collections.ConfigDict) -> None:
+  """Writes the synthetic dataset data.synthetic_dir names (the demo's data), unless it holds
+  it already: a step of the run, after the config and workdir were checked."""
+  try:
+    synthetic.generate(config.data.synthetic_dir, size=config.data.synthetic_size,
+                       num_frames=config.data.synthetic_frames)
+  except (FileExistsError, ValueError) as e:
+    raise ConfigError(f"config.data.synthetic_dir: {e}") from None
 
 
 def _without_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -283,7 +344,10 @@ class TrainStep:
       updates, opt_state = self.tx.update(grads, state["opt_state"], params)
       new_params = jax.tree_util.tree_map(jnp.add, params, updates)
       grad_norm = optax.tree.norm(grads)
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      # finite loss and gradients are not enough: a non-finite learning rate turns them into
+      # non-finite updates. (Finite gradients keep Adam's moments finite.)
+      finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                & jnp.isfinite(optax.tree.norm(updates)))
       keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o),
                                                      new, old)
       new_state = {
@@ -339,7 +403,7 @@ class _Log:
     if self.main:
       from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.jsonl = files.open_append(os.path.join(workdir, "metrics.jsonl"))
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.main:
@@ -358,11 +422,24 @@ class _Log:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train (or, with mode='eval', evaluate) as the config says; returns the final metrics."""
+  """Train (or, with mode='eval', evaluate) as the config says; returns the final metrics.
+
+  Nothing is written before the config and the workdir pass their checks and the workdir is
+  locked: a refused run leaves nothing behind, and a refused second run touches nothing of
+  the first one's.
+  """
   spec = check(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = str(files.prepare_workdir(workdir))
   lock = files.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
+    console.log_to_file(workdir)
+    if jax.process_index() == 0:
+      files.remove_stale_temporaries(workdir)  # left by a run killed while writing
+    if config.data.synthetic_dir and jax.process_index() == 0:
+      write_synthetic(config)
+    if config.data.synthetic_dir and jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("synthetic dataset written")
     mesh = sharding.make_mesh(**config.mesh)
     if config.mode == "eval":
       return run_eval(config, workdir, mesh, spec)
@@ -390,7 +467,7 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
     costs = input_pipeline.record_costs(
         config.data.train, sampling(config, spec), cache_dir=os.path.join(workdir, "cache"),
         process_index=jax.process_index(), process_count=jax.process_count(),
-        workers=config.data.workers)
+        workers=config.data.workers, strict=config.data.strict)
   dataset = input_pipeline.make_dataset(
       config.data.train, mode="train", sampling=sampling(config, spec, counts=False),
       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
@@ -432,7 +509,11 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
     train_step.use_shapes(_train_shapes(config, spec, train_step, iterator, mesh, run_rng))
   start = manager.latest_step()
   if start is not None:
-    state, iterator, start = manager.restore(abstract_state, state_shardings, iterator)
+    try:
+      state, iterator, start = manager.restore(abstract_state, state_shardings, iterator)
+    except checkpoint.NoRestorableCheckpoint:
+      manager.close()
+      raise
     console.say(f"resumed from step {start} ({manager.directory})")
   start = start or 0
   evaluator = evaluate.Evaluator(build_model(config, spec, train=False), token_policy,
@@ -472,7 +553,7 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
       log_now = done % config.log_every == 0 or done == total_steps
       save_now = done % config.checkpoint_every == 0 or done == total_steps
       if log_now or save_now:
-        _stop_if_not_finite(state, manager)
+        _stop_if_not_finite(state, manager, check_state=save_now)
       if log_now:
         now = time.perf_counter()
         summary = _summarise(jax.device_get(queued), now - last_time, done - last_step,
@@ -489,18 +570,21 @@ def _train(config, workdir, mesh, spec) -> dict[str, Any]:
         result = _evaluate(config, evaluator, spec, state["params"], "val", done, log, workdir,
                            bar)
     bar.close()
+    data_check.finish()
     if config.data.final:
       result = _evaluate(config, evaluator, spec, state["params"], "final", total_steps, log,
                          workdir, bar)
     checkpoint.save_model(model_dir, state["params"], spec, overwrite=True)
   finally:
     bar.close()
-    manager.wait()
+    manager.close()
     preemption.restore()
     log.close()
   console.say(console.summary(
       {k: result[k] for k in ("top1", "top5", "videos", "views") if k in result},
-      tokens_kept_fraction=summary.get("tokens_kept_fraction"),
+      tokens_kept={"train, after mixing": summary.get("tokens_kept_fraction"),
+                   "final" if config.data.final else "val": result["tokens_kept_mean"]
+                   / result["tokens_total"] if "tokens_kept_mean" in result else None},
       wall_time_s=time.perf_counter() - start_time, workdir=workdir, model_dir=model_dir,
       checkpoint_dir=manager.directory, tensorboard_dir=os.path.join(workdir, "tensorboard"),
       labels=_classes_file(config.data.train)))
@@ -552,7 +636,7 @@ class _DataCheck:
   def __init__(self, num_classes: int, max_bad_fraction: float, strict: bool):
     self.num_classes, self.limit, self.strict = num_classes, max_bad_fraction, strict
     self.recent: list[tuple[int, int]] = []
-    self.bad_labels = self.bad_records = 0
+    self.bad_labels = self.bad_records = self.seen = 0
 
   def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     label, valid = batch["label"], batch["valid"].astype(bool)
@@ -565,6 +649,7 @@ class _DataCheck:
       batch = dict(batch, valid=valid & ~outside, label=np.where(outside, 0, label))
     errors = int(batch["error"].sum())
     self.bad_records += errors
+    self.seen += len(label)
     self.recent = (self.recent + [(errors + int(outside.sum()), len(label))])[-20:]
     bad, seen = map(sum, zip(*self.recent))
     if seen >= 4 * len(label) and bad > self.limit * seen:
@@ -572,19 +657,34 @@ class _DataCheck:
                       f"(limit config.data.max_bad_fraction={self.limit}); the log names them")
     return batch
 
+  def finish(self) -> None:
+    """At the end of a run too short for the rolling check: the whole run's share."""
+    bad = self.bad_records + self.bad_labels
+    if self.seen and bad > self.limit * self.seen:
+      raise DataError(f"{bad} of the {self.seen} training records read were unreadable or "
+                      f"mislabelled (limit config.data.max_bad_fraction={self.limit}); the "
+                      "log names them. The model was not exported")
+
   def totals(self) -> dict[str, int]:
     return {"bad_records": self.bad_records, "bad_labels": self.bad_labels}
 
 
-def _stop_if_not_finite(state, manager) -> None:
+def _stop_if_not_finite(state, manager, *, check_state: bool = False) -> None:
+  """Stops the run if a step was skipped for a non-finite loss, gradient or update (or, with
+  `check_state`, before a save, if any value of the state is not finite): nothing non-finite
+  is ever saved, so the last checkpoint named is a good one."""
   bad = int(jax.device_get(state["bad_step"]))
+  if bad < 0 and check_state and not bool(checkpoint.all_finite(state)):
+    bad = int(jax.device_get(state["step"]))
   if bad >= 0:
     manager.wait()
     last = manager.latest_step()
     raise NonFiniteLossError(
-        f"the loss became non-finite at step {bad}; stopped without saving. The last good "
-        f"checkpoint is step {last} in {manager.directory}" if last is not None else
-        f"the loss became non-finite at step {bad}; stopped (no checkpoint was saved yet)")
+        f"the loss, gradients or updates became non-finite at step {bad}; stopped without "
+        f"saving. The last good checkpoint is step {last} in {manager.directory}"
+        if last is not None else
+        f"the loss, gradients or updates became non-finite at step {bad}; stopped (no "
+        "checkpoint was saved yet)")
 
 
 def _summarise(metrics: list[dict[str, np.ndarray]], seconds: float, steps: int,

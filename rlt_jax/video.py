@@ -113,6 +113,25 @@ def count_frames(path: str, *, fps: float | None = None) -> int:
   return ticks
 
 
+def frame_rate(path: str) -> float:
+  """The video's stored frame rate (frames per second; 25 if the file does not say)."""
+  import av
+  try:
+    with av.open(path) as container:
+      return _video_stream(container, path)[1]
+  except (av.error.FFmpegError, OSError) as e:
+    raise VideoError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def test_clip_sources(num_frames: int, *, clips: int, clip_len: int,
+                      stride: float) -> np.ndarray:
+  """(clips, clip_len): the source frame of each position of the test clips, or -1 where
+  the clip runs past the video's end (and repeats its last frame)."""
+  starts = test_clip_starts(num_frames, clips=clips, clip_len=clip_len, stride=stride)
+  raw = np.floor(np.asarray(starts)[:, None] + stride * np.arange(clip_len)).astype(np.int64)
+  return np.where(raw < num_frames, raw, -1)
+
+
 def short_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
   """(height, width) with the short side `size` and the aspect ratio kept (long side rounded)."""
   scale = size / min(height, width)

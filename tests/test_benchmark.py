@@ -109,3 +109,13 @@ def test_the_train_step_ops_show_no_scatter_but_the_token_placement():
   report = benchmark.train_step_ops("tiny", 4, "float32", None)
   assert report["plan"]["kind"] == "stream" and report["ops"]["gather"] > 0
   assert report["ops"]["scatter"] <= 1  # layout.tokenize's integer slot placement only
+
+
+def test_clips_cuts_real_videos_with_the_tokens_tools_geometry_flags(tmp_path, capsys):
+  from videos import write_video
+  write_video(tmp_path / "v.mp4", frames=70)
+  out = tmp_path / "clips.npy"
+  benchmark.main(["clips", str(tmp_path / "v.mp4"), "--output", str(out), "--image_size", "64",
+                  "--num_frames", "8", "--stride", "2", "--frames_per_clip", "32"])
+  assert np.load(out).shape == (2, 8, 64, 64, 3)  # one clip per 32 of the 70 frames
+  assert "wrote (2, 8, 64, 64, 3) uint8 clips" in capsys.readouterr().out

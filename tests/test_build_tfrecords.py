@@ -79,6 +79,10 @@ def test_kinetics_round_trip_with_bad_videos_skipped(kinetics, tmp_path, capsys)
   first = video.resize(video.decode(str(source))[0][0], (64, 85))
   assert parsed["abc_000010_000020"].jpegs[0] == video.encode_jpeg(first, 90)
 
+  convert(kinetics, out, num_shards=3, workers=2)  # a rerun has nothing left to do
+  assert capsys.readouterr().out.startswith("train: already complete, nothing to do: 5 of 9 "
+                                            "videos in 3 shards")
+
 
 def test_an_interrupted_conversion_resumes_without_redoing_finished_shards(kinetics, tmp_path,
                                                                             monkeypatch):

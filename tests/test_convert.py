@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from rlt_jax import checkpoint, convert, forward, layout, rlt, torch_checkpoint
+from rlt_jax import checkpoint, convert, files, forward, layout, rlt, torch_checkpoint
 from rlt_jax.models import vit
 from torch_files import PlainArray, View, laughs, text, write_hostile, write_pth, write_raw
 
@@ -485,16 +485,19 @@ class TestRace:
   def test_racing_converts_leave_one_complete_model(self, fixture, tmp_path, monkeypatch, capsys):
     """Both finish; the directory is one of the two models, whole, and nothing is left over."""
     out, results = tmp_path / "model", {}
-    start, staged, waited = threading.Barrier(2), threading.Barrier(2), set()
-    save = checkpoint.save_model
+    start, staged = threading.Barrier(2), threading.Barrier(2)
+    write, publish, one_writer = checkpoint._write_params, files.publish_directory, threading.Lock()
 
-    def save_then_meet(*args):  # both staged before either renames: the rename races
-      save(*args)
-      if threading.get_ident() not in waited:
-        waited.add(threading.get_ident())
-        staged.wait(timeout=60)
+    def write_alone(*args):  # orbax's writes one at a time: what races here is the publishing
+      with one_writer:
+        write(*args)
 
-    monkeypatch.setattr(checkpoint, "save_model", save_then_meet)
+    def meet_then_publish(*args):  # both staged before either renames: the renames race
+      staged.wait(timeout=120)
+      publish(*args)
+
+    monkeypatch.setattr(checkpoint, "_write_params", write_alone)
+    monkeypatch.setattr(files, "publish_directory", meet_then_publish)
 
     def run(classes):
       start.wait()

@@ -252,3 +252,13 @@ def test_missing_shards_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="nothing-here"):
     input_pipeline.make_dataset(str(tmp_path / "nothing-here-*"), mode="train",
                                 sampling=SAMPLING, batch_size=2)
+
+
+def test_an_empty_shard_in_a_complete_set_is_refused(data, tmp_path):
+  """A 0-byte shard among its -of-N siblings would silently drop its share of the data."""
+  import shutil
+  for shard in input_pipeline.list_shards(str(data / "train.tfrecord-*")):
+    shutil.copy(shard, tmp_path / shard.name)
+  (tmp_path / "train.tfrecord-00001-of-00003").write_bytes(b"")
+  with pytest.raises(ValueError, match="00001-of-00003: holds no records"):
+    input_pipeline.num_examples(str(tmp_path / "train.tfrecord-*"))

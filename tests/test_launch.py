@@ -23,8 +23,10 @@ def test_tpu_pod_slice_commands():
   assert "https://example.org/rlt_jax.git" in lines[1]
   assert lines[2].startswith("gcloud compute tpus tpu-vm ssh rlt --zone=us-central2-b "
                              "--worker=all --command")
+  assert ("gcsfuse\\ --implicit-dirs\\ --rename-dir-limit=1000000\\ bucket\\ "
+          "\\$HOME/gcs/bucket") in lines[2]  # the workdir's bucket, mounted on every worker
   assert ("python3\\ -m\\ rlt_jax.main\\ --config=configs/k400_vitb_rlt.py\\ "
-          "--workdir=gs://bucket/run\\ --config.batch_size=512") in lines[2]
+          "--workdir=\\$HOME/gcs/bucket/run\\ --config.batch_size=512") in lines[3]
 
 
 def test_tpu_workdir_must_be_on_gcs():

@@ -88,6 +88,26 @@ def test_a_missing_or_misspelt_flag_is_one_line(config_file, args, expected):
   assert one_line_error(run(args)).startswith(expected.replace("CONFIG", config_file))
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("def get_config(:\n  pass\n", "line 1: SyntaxError: invalid syntax"),
+    ("import ml_collections\nraise RuntimeError('no data here')\n",
+     "line 2: RuntimeError: no data here"),
+    ("def get_config():\n  return {}['x']\n", "line 2: KeyError: 'x'"),
+    ("def get_config():\n  pass\n", "get_config() returned None; expected an "
+     "ml_collections.ConfigDict (e.g. recipes.base(...))"),
+    ("def get_config():\n  return {'batch_size': 8}\n", "get_config() returned a dict; "
+     "expected an ml_collections.ConfigDict (e.g. recipes.base(...))"),
+])
+def test_a_config_file_that_does_not_load_is_one_line_exit_2(tmp_path, text, expected):
+  path = tmp_path / "broken.py"
+  path.write_text(text)
+  result = run([f"--config={path}", f"--workdir={tmp_path / 'w'}"])
+  assert result.returncode == 2
+  assert one_line_error(result) == f"error: config file {str(path)!r}" + (
+      ", " if expected.startswith("line") else ": ") + expected
+  assert not (tmp_path / "w").exists()
+
+
 def test_config_helpers_suggest_the_nearest_key():
   import ml_collections
   config = ml_collections.ConfigDict({"lr": 1.0, "rlt": {"threshold": 0.1, "policy": "rlt"}})
@@ -112,6 +132,8 @@ train.ConfigError, train.DataError, train.NonFiniteLossError = (
     ConfigError, DataError, NonFiniteLossError)
 
 def run(config, workdir):
+  files.prepare_workdir(workdir)
+  console.log_to_file(workdir)  # as the real run does, once the workdir is checked and locked
   logging.getLogger("orbax").info("library chatter")
   logging.getLogger("orbax").warning("a library warning")
   console.say(f"batch size {config.batch_size}")
@@ -131,7 +153,7 @@ app.run(main.main, flags_parser=main.parse_flags)
     ("ConfigError", "config.rlt.threshold=-1: expected >= 0", 2),
     ("files.WorkdirLocked", "workdir W is in use by pid 7 on host", 1),
     ("FileNotFoundError", "no TFRecord shards match '/data/train-*'", 1),
-    ("NonFiniteLossError", "the loss became non-finite at step 3", 1),
+    ("NonFiniteLossError", "the loss, gradients or updates became non-finite at step 3", 1),
 ])
 def test_main_keeps_the_console_quiet_and_reports_errors_in_one_line(config_file, tmp_path,
                                                                        error, message, code):
@@ -173,17 +195,19 @@ def clean_logging():
     console._SAY.removeHandler(handler)
     handler.close()
   console._installed.clear()
-  console._log_file = None
+  console._log_file = console._early = None
   root.handlers[:] = handlers
   root.setLevel(level)
 
 
 def test_setup_logging_sends_info_to_the_file_and_warnings_to_the_console(
     tmp_path, capsys, clean_logging):
-  path = console.setup_logging(str(tmp_path / "w"), verbose=False)
-  assert path == str(tmp_path / "w" / "log.txt")
-  logging.getLogger("orbax").info("saving step 10")
+  console.setup_logging(verbose=False)
+  logging.getLogger("orbax").info("saving step 10")  # before the file: kept, then written
   logging.getLogger("orbax").warning("slow disk")
+  assert not list(tmp_path.iterdir())  # nothing written until the workdir is known good
+  path = console.log_to_file(str(tmp_path))
+  assert path == str(tmp_path / "log.txt")
   console.say("step 10/100")
   out, err = capsys.readouterr()
   assert out == "step 10/100\n"
@@ -192,9 +216,21 @@ def test_setup_logging_sends_info_to_the_file_and_warnings_to_the_console(
   assert "saving step 10" in log and "slow disk" in log and "step 10/100" in log
 
 
+def test_the_log_file_is_never_opened_through_a_planted_link(tmp_path, clean_logging):
+  from rlt_jax import files
+  victim = tmp_path / "victim"
+  victim.write_text("precious")
+  (tmp_path / "log.txt").symlink_to(victim)
+  console.setup_logging(verbose=False)
+  with pytest.raises(files.UnsafeWorkdir, match="is a symbolic link"):
+    console.log_to_file(str(tmp_path))
+  assert victim.read_text() == "precious"
+
+
 def test_verbose_logging_shows_info_but_not_the_missing_libtpu_line(
     tmp_path, capsys, clean_logging):
-  path = console.setup_logging(str(tmp_path), verbose=True)
+  console.setup_logging(verbose=True)
+  path = console.log_to_file(str(tmp_path))
   probe = logging.getLogger("jax._src.xla_bridge")
   probe.info("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: "
              "libtpu.so: cannot open shared object file: No such file or directory")
@@ -205,11 +241,9 @@ def test_verbose_logging_shows_info_but_not_the_missing_libtpu_line(
   assert "libtpu.so" in open(path).read()
 
 
-def test_log_paths_per_process_and_for_remote_workdirs():
+def test_log_paths_per_process():
   assert console.log_path("/w", 0) == "/w/log.txt"
   assert console.log_path("/w", 3) == "/w/log.process3.txt"
-  remote = console.log_path("gs://bucket/run", 0)
-  assert "://" not in remote and remote.endswith(os.path.join("gs_bucket_run", "log.txt"))
 
 
 def test_progress_bar_off_a_terminal_redraws_rarely_and_keeps_lines_whole(capsys):
@@ -229,7 +263,8 @@ def test_progress_bar_off_a_terminal_redraws_rarely_and_keeps_lines_whole(capsys
 
 def test_other_processes_show_no_bar_and_say_nothing(tmp_path, capsys, monkeypatch,
                                                      clean_logging):
-  path = console.setup_logging(str(tmp_path), verbose=False)
+  console.setup_logging(verbose=False)
+  path = console.log_to_file(str(tmp_path))
   monkeypatch.setattr(console, "_is_main", lambda: False)
   with console.progress(10, 0, "train") as bar:
     bar.update(5)
@@ -243,20 +278,22 @@ def test_other_processes_show_no_bar_and_say_nothing(tmp_path, capsys, monkeypat
 def test_summary_lists_metrics_paths_and_next_commands():
   text = console.summary(
       {"top1": 0.3708, "top5": 0.9, "videos": 240, "clips_per_s": 123.456, "name": "x"},
-      wall_time_s=192.4, tokens_kept_fraction=0.578, workdir="/runs/a b",
+      wall_time_s=192.4, tokens_kept={"train, after mixing": 0.574, "val": 0.58},
+      workdir="/runs/a b",
       model_dir="/runs/a b/model", checkpoint_dir="/runs/a b/checkpoints",
       tensorboard_dir="/runs/a b/tensorboard", labels="/data/classes.txt")
   assert text == textwrap.dedent("""\
       Training finished in 3 min 12 s.
-        top1         37.08%
-        top5         90.00%
-        videos       240
-        clips_per_s  123.5
-        tokens kept  57.8%
-        workdir      /runs/a b
-        model        /runs/a b/model
-        checkpoints  /runs/a b/checkpoints
-        TensorBoard  /runs/a b/tensorboard
+        top1                               37.08%
+        top5                               90.00%
+        videos                             240
+        clips_per_s                        123.5
+        tokens kept (train, after mixing)  57.4%
+        tokens kept (val)                  58.0%
+        workdir                            /runs/a b
+        model                              /runs/a b/model
+        checkpoints                        /runs/a b/checkpoints
+        TensorBoard                        /runs/a b/tensorboard
       Curves:   tensorboard --logdir '/runs/a b/tensorboard'
       Predict:  python -m rlt_jax.predict --checkpoint '/runs/a b/model' --video FILE.mp4 \
 --labels /data/classes.txt""")

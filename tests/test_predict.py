@@ -55,11 +55,37 @@ def test_a_real_video_prints_top5_and_tokens_kept(model_dir, tmp_path, capsys):
   predict.main(["--checkpoint", str(model_dir), "--video", str(video), "--views", "2x3",
                 "--labels", str(labels)])
   out = capsys.readouterr().out
-  assert "6 clip(s), policy rlt" in out
+  assert (f"6 clip(s) of 16 frames of 224×224: 2 clips × 3 crops of {video} (every 4th frame, "
+          "short side 224); policy rlt") in out  # which views and geometry
   kept = float(out.split("average (")[1].split("%")[0])
   assert kept < 30  # a static background with one moving square: most tokens are dropped
-  assert [line.split(". ")[0].strip() for line in out.splitlines()[1:]] == ["1", "2", "3", "4", "5"]
+  assert [line.split(". ")[0].strip() for line in out.splitlines()[2:]] == ["1", "2", "3", "4", "5"]
   assert out.count(" class ") == 5
+
+
+def test_without_labels_the_classes_are_called_by_their_index(model_dir, tmp_path, capsys):
+  video = tmp_path / "square.mp4"
+  write_video(video)
+  predict.main(["--checkpoint", str(model_dir), "--video", str(video), "--views", "1x1"])
+  out = capsys.readouterr().out
+  assert "class indices: --labels classes.txt gives their names" in out
+  assert out.count(". class ") == 5
+
+
+@pytest.mark.parametrize("output, message", [
+    ("missing/logits.npy", "the folder .*missing does not exist"),
+    (".", "is a directory"),
+])
+def test_a_bad_output_path_is_refused_before_inference(model_dir, expected, tmp_path,
+                                                       monkeypatch, output, message):
+  clips = tmp_path / "clips.npy"
+  np.save(clips, expected["frames"])
+  monkeypatch.chdir(tmp_path)
+  ran = []
+  monkeypatch.setattr(predict.Predictor, "__call__", lambda *a: ran.append(1))
+  with pytest.raises(SystemExit, match=f"--output {output}: {message}"):
+    predict.main(["--checkpoint", str(model_dir), "--frames", str(clips), "--output", output])
+  assert not ran
 
 
 def test_an_unreadable_video_is_named(model_dir, tmp_path):

@@ -33,7 +33,9 @@ def test_a_video_reports_its_kept_tokens_and_draws_them(tmp_path, capsys):
   assert f"τ = 0.1: {kept.mean():.0f} of 1568 kept" in out
   assert "τ = 100: 196 of 1568 kept" in out  # only the first tubelet survives τ = 100
   mask = tokens.keep_mask(clips[:1], 0.1)[0]
-  expected, _ = tokens.picture(clips[0], mask, 0.1, "clip 1 of 1 from square.mp4")
+  source = tokens.Source(np.arange(4, 68, 4), 25.0)  # the centre clip: frames 4, 8, … 64
+  assert source.frames.tolist() == tokens.video_clips(str(path))[1][0].tolist()
+  expected, _ = tokens.picture(clips[0], mask, 0.1, "clip 1 of 1 from square.mp4", source)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "t.png")), expected)
   assert Image.open(tmp_path / "t.gif").n_frames == 16
 
@@ -64,7 +66,7 @@ def test_the_picture_counts_tokens_per_tubelet_and_in_all():
   clip = moving_square()
   mask = tokens.keep_mask(clip[None], 0.1)[0]
   assert mask.sum(axis=(1, 2)).tolist() == [16, 4, 6, 4]  # the square's patches change
-  heading = tokens._heading(clip, mask, 0.1, "demo")
+  heading = tokens._heading(clip, mask, 0.1, "demo", None)
   assert heading[0] == "RLT at tau = 0.1: 30 of 64 tokens kept (46.9%)"
   assert tokens._tubelet_label(mask, 2) == ["tubelet 2: frames 4-5", "6 of 16 kept (38%)"]
 
@@ -129,7 +131,7 @@ def test_video_flags_set_the_clip_geometry(tmp_path, capsys):
                "2"])
   assert "4 clip(s) of 8 × 64×64 (64 tokens each)" in capsys.readouterr().out  # 70 // 16
   np.testing.assert_array_equal(
-      tokens.video_clips(str(path), num_frames=8, image_size=64, stride=2),
+      tokens.video_clips(str(path), num_frames=8, image_size=64, stride=2)[0],
       video.test_views(video.decode(str(path))[0], clips=4, crops=1, clip_len=8, stride=2,
                        size=64))
 
@@ -215,3 +217,30 @@ def test_pictures_are_written_atomically_not_through_planted_links(tmp_path):
   assert Image.open(tmp_path / "t.gif").format == "GIF"
   assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == [
       "clips.npy", "t.gif", "t.png", "victim"]  # no temporary left behind
+
+
+def test_a_video_shorter_than_its_clip_marks_the_padding_and_leaves_it_out(tmp_path, capsys):
+  """36 frames for a clip of 16 frames at stride 4 (61 frames): the clip's end repeats the
+  last frame; tubelets made only of that are padding, drawn as such and never counted."""
+  path = tmp_path / "short.mp4"
+  write_video(path, frames=36)
+  png = tmp_path / "short.png"
+  tokens.main(["--video", str(path), "--save_png", str(png)])
+  out = capsys.readouterr().out
+  clips, sources = tokens.video_clips(str(path))
+  padded = tokens.padded_tubelets(sources, 8)
+  assert padded[0].tolist() == [False] * 5 + [True] * 3  # frames 36 … 60 do not exist
+  assert "3 tubelet(s) past its end repeat the last frame" in out
+  real = 5 * 196
+  kept = int(tokens.keep_mask(clips, 0.1)[0, :5].sum())
+  assert f"{kept} of {real} kept on average ({kept / real:.1%})" in out
+  mask = tokens.keep_mask(clips, 0.1)[0]
+  source = tokens.Source(sources[0], 25.0)
+  assert tokens._tubelet_label(mask, 5, source) == [
+      "tubelet 5: padding: past the video's end", "not counted"]
+  assert tokens._tubelet_label(mask, 1, source)[0] == (
+      "tubelet 1: source frames 8-12 (0.32-0.48 s)")
+  heading = tokens._heading(clips[0], mask, 0.1, "demo", source)
+  assert heading[0] == f"RLT at tau = 0.1: {kept} of {real} tokens kept ({kept / real:.1%})"
+  assert "last 3 tubelet(s) repeat the last frame" in heading[2]
+  assert png.is_file()

@@ -256,6 +256,17 @@ def test_fsdp_splits_big_arrays_along_a_divisible_dimension():
     (lambda c: c.rlt.update(threshold=float("nan")), r"config.rlt: .*threshold=nan"),
     (lambda c: c.layout.update(kind="packed"), r"config.layout: .*kind='packed'"),
     (lambda c: c.layout.update(shapes=-1), r"config.layout.shapes=-1: expected an integer ≥ 0"),
+    (lambda c: c.optim.update(lr=float("nan")), r"config.optim.lr=nan: expected a finite"),
+    (lambda c: c.optim.update(lr=0.0), r"config.optim.lr=0.0: expected > 0"),
+    (lambda c: c.augment.update(mixup_alpha=float("inf")), r"config.augment.mixup_alpha=inf"),
+    (lambda c: c.data.update(stride=0), r"config.data.stride=0: expected a positive number"),
+    (lambda c: c.data.update(stride=-2), r"config.data.stride=-2: expected a positive number"),
+    (lambda c: c.update(total_steps=None, num_epochs=0.0), r"config.num_epochs=0.0: expected"),
+    (lambda c: c.update(total_steps=None, num_epochs=-1.0), r"config.num_epochs=-1.0"),
+    (lambda c: c.model.update(num_classes=100), r"classes.txt lists 8 classes but the model "
+     r"has 100"),
+    (lambda c: c.update(batch_size=64), r"config.batch_size=64: the training data .* holds 48 "
+     r"videos, fewer than one batch"),
     (lambda c: c.layout.update(calibration_batches=0), r"config.layout.calibration_batches=0"),
     (lambda c: c.data.update(val_views="1x0"), r"val_views='1x0'"),
     (lambda c: c.mesh.update(fsdp=3), r"config.mesh: .*not divisible by 3"),
@@ -319,26 +330,108 @@ def test_a_run_compiles_no_more_train_shapes_than_layout_shapes(data_dir, tmp_pa
   assert set(losses(tmp_path / "run", "compiled_shapes").values()) == {1}
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path):
+def snapshot(folder):
+  return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+          for p in sorted(folder.rglob("*"))}
+
+
+def test_damaged_checkpoints_fall_back_to_an_intact_one_or_stop_in_one_line(data_dir, tmp_path):
   workdir = tmp_path / "run"
   first = run_main(data_dir, workdir, "--config.total_steps=4")
   assert first.returncode == 0, first.stderr[-3000:]
-  for path in (workdir / "checkpoints" / "4").rglob("_METADATA"):
-    path.unlink()
+  # 64 flipped bytes in the newest checkpoint's largest array file
+  damaged = max((p for p in (workdir / "checkpoints" / "4" / "state").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  data = bytearray(damaged.read_bytes())
+  for i in np.random.default_rng(0).choice(np.arange(len(data) // 4, 3 * len(data) // 4), 64,
+                                           replace=False):
+    data[i] ^= 0x5A
+  damaged.write_bytes(bytes(data))
+  (workdir / ".model.3f2a.tmp").mkdir()  # an export killed half-way, long ago
   resumed = run_main(data_dir, workdir, "--config.total_steps=6")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step 2" in resumed.stdout
-  assert "cannot be restored" in (workdir / "log.txt").read_text()
+  assert "newest intact one (step 4:" in resumed.stderr  # says which and why
+  assert not (workdir / ".model.3f2a.tmp").exists()
+
+  for path in (workdir / "checkpoints").rglob("_METADATA"):  # now none restores
+    path.unlink()
+  before = snapshot(workdir / "checkpoints")
+  stopped = run_main(data_dir, workdir, "--config.total_steps=8")
+  assert stopped.returncode == 1
+  assert stopped.stderr.strip().splitlines() == [stopped.stderr.strip()]  # one line
+  assert stopped.stderr.startswith(f"error: no checkpoint in {workdir / 'checkpoints'} can be "
+                                   "restored (step 6:")
+  assert snapshot(workdir / "checkpoints") == before  # left as they were
 
 
-def test_a_second_run_on_a_busy_workdir_is_refused(data_dir, tmp_path):
+def test_a_second_run_on_a_busy_workdir_is_refused_and_touches_nothing(data_dir, tmp_path):
   from rlt_jax import files
   workdir = tmp_path / "run"
   workdir.mkdir()
+  (workdir / "log.txt").write_text("the first run's log\n")
   with files.workdir_lock(workdir):
     result = run_main(data_dir, workdir)
   assert result.returncode != 0
   assert f"workdir {workdir} is in use by pid {os.getpid()}" in result.stderr
+  assert (workdir / "log.txt").read_text() == "the first run's log\n"
+  assert sorted(os.listdir(workdir)) == [".lock", "log.txt"]
+
+
+def test_planted_links_in_a_pre_created_workdir_are_refused_before_any_write(data_dir,
+                                                                             tmp_path):
+  victims = [tmp_path / "victim", tmp_path / "victim2"]
+  for victim in victims:
+    victim.write_text("precious")
+    victim.chmod(0o600)
+  workdir = tmp_path / "x"
+  workdir.mkdir()
+  (workdir / ".lock").symlink_to(victims[0])
+  (workdir / "log.txt").symlink_to(victims[1])
+  result = run_main(data_dir, workdir)
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: ") and "is a symbolic link" in result.stderr
+  assert [v.read_text() for v in victims] == ["precious", "precious"]
+  assert sorted(os.listdir(workdir)) == [".lock", "log.txt"]
+
+
+@pytest.mark.parametrize("workdir, change, message", [
+    ("new", "--config.data.train=/nowhere/train.tfrecord-*", "config.data.train: no TFRecord"),
+    ("gs://bucket/run", "--config.total_steps=2", "remote workdirs are not supported"),
+])
+def test_a_refused_run_leaves_nothing_behind(data_dir, tmp_path, workdir, change, message):
+  result = subprocess.run(main_command(data_dir, workdir, change), env=env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 2 and message in result.stderr
+  assert result.stderr.count("\n") == 1
+  assert not os.listdir(tmp_path)  # no workdir, no log, no ./gs:/bucket/run/.lock
+
+
+def test_strict_data_stops_at_a_bad_record_in_one_line(data_dir, tmp_path):
+  import shutil
+  from rlt_jax import tfrecord
+  copy = tmp_path / "data"
+  shutil.copytree(data_dir, copy)
+  for shard in copy.glob("train.tfrecord-*-of-*"):  # a flipped byte in every record's payload
+    raw = bytearray(shard.read_bytes())
+    for offset, length in tfrecord.read_index(shard):
+      raw[int(offset) + length // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+  result = run_main(str(copy), tmp_path / "run", "--config.data.strict=True",
+                    "--config.total_steps=2", devices=1)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+  assert "CRC mismatch" in result.stderr and "config.data.strict" in result.stderr
+
+
+def test_a_run_too_short_for_the_rolling_check_still_stops_on_bad_data():
+  check = train._DataCheck(num_classes=8, max_bad_fraction=0.05, strict=False)
+  for errors in ([False] * 4 + [True] * 4, [True] * 2 + [False] * 6):  # 6 of 16 bad
+    check({"label": np.zeros(8, np.int32), "valid": ~np.asarray(errors),
+           "error": np.asarray(errors)})
+  with pytest.raises(train.DataError, match="6 of the 16 training records read were "
+                                            "unreadable"):
+    check.finish()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
@@ -362,7 +455,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):
   result = run_main(data_dir, tmp_path / "nan", "--config.optim.lr=1e38",
                     "--config.total_steps=40", "--config.checkpoint_every=1")
   assert result.returncode != 0
-  assert "the loss became non-finite at step" in result.stderr
+  assert "became non-finite at step" in result.stderr
   last = result.stderr.split("The last good checkpoint is step ")[1].split()[0]
   assert (tmp_path / "nan" / "checkpoints" / last).is_dir()
 
