@@ -279,23 +279,26 @@ def _heading(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str,
   return lines
 
 
-def _frames_text(source: Source | None, first: int, last: int) -> str:
-  """Clip positions first..last, as source frames and times when the source is known."""
+def _frames_text(source: Source | None, first: int, last: int) -> list[str]:
+  """Clip positions first..last: as the video's own frames and times when the source is
+  known (one line each, to fit a panel), else as clip positions."""
   if source is None:
-    return f"frames {first}-{last}"
+    return [f"frames {first}-{last}"]
   real = [int(f) for f in source.frames[first:last + 1] if f >= 0]
   if not real:
-    return "padding: past the video's end"
-  return (f"source frames {real[0]}-{real[-1]} "
-          f"({real[0] / source.rate:.2f}-{real[-1] / source.rate:.2f} s)")
+    return ["padding", "(past the video's end)"]
+  if real[0] == real[-1]:
+    return [f"video frame {real[0]}", f"at {real[0] / source.rate:.2f} s"]
+  return [f"video frames {real[0]}-{real[-1]}",
+          f"at {real[0] / source.rate:.2f}-{real[-1] / source.rate:.2f} s"]
 
 
 def _tubelet_label(mask: np.ndarray, j: int, source: Source | None = None) -> list[str]:
   kept, total = int(mask[j].sum()), mask[j].size
-  text = _frames_text(source, j * TUBELET, (j + 1) * TUBELET - 1)
-  if text.startswith("padding"):
-    return [f"tubelet {j}: {text}", "not counted"]
-  return [f"tubelet {j}: {text}", f"{kept} of {total} kept ({kept / total:.0%})"]
+  first, *rest = _frames_text(source, j * TUBELET, (j + 1) * TUBELET - 1)
+  if first == "padding":
+    return [f"tubelet {j}: padding", *rest, "not counted"]
+  return [f"tubelet {j}: {first}", *rest, f"{kept} of {total} kept ({kept / total:.0%})"]
 
 
 def picture(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str,
@@ -317,7 +320,7 @@ def animation(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str
   frames, tokens = _enlarge(clip), _enlarge(overlay(clip, mask))
   heading = _heading(clip, mask, threshold, caption, source)
   return [_sheet(heading, [[([f"clip frame {t} of 0-{len(clip) - 1}",
-                              _frames_text(source, t, t)], [frames[t]]),
+                              *_frames_text(source, t, t)], [frames[t]]),
                              (_tubelet_label(mask, t // TUBELET, source), [tokens[t]])]],
                  len(mask))[0]
           for t in range(len(clip))]

@@ -237,9 +237,9 @@ def test_a_video_shorter_than_its_clip_marks_the_padding_and_leaves_it_out(tmp_p
   mask = tokens.keep_mask(clips, 0.1)[0]
   source = tokens.Source(sources[0], 25.0)
   assert tokens._tubelet_label(mask, 5, source) == [
-      "tubelet 5: padding: past the video's end", "not counted"]
-  assert tokens._tubelet_label(mask, 1, source)[0] == (
-      "tubelet 1: source frames 8-12 (0.32-0.48 s)")
+      "tubelet 5: padding", "(past the video's end)", "not counted"]
+  assert tokens._tubelet_label(mask, 1, source)[:2] == ["tubelet 1: video frames 8-12",
+                                                        "at 0.32-0.48 s"]
   heading = tokens._heading(clips[0], mask, 0.1, "demo", source)
   assert heading[0] == f"RLT at tau = 0.1: {kept} of {real} tokens kept ({kept / real:.1%})"
   assert "last 3 tubelet(s) repeat the last frame" in heading[2]
