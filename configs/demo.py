@@ -10,7 +10,8 @@ Without RLT (--config=configs/demo.py:rlt=False): 92.6% ± 0.4, 0.060–0.062 s/
 2 min 49–59 s.
 """
 
-from rlt_jax import recipes, synthetic
+from rlt_jax.data import synthetic
+from rlt_jax.training import recipes
 
 
 def get_config(arg=None):

@@ -16,7 +16,7 @@ about a third fewer tokens. Not reproduced here (no Kinetics copy on the project
 Cost: 20k videos × 12 views; on one H100 in bf16 roughly tens of minutes for ViT-B (estimate).
 """
 
-from rlt_jax import recipes
+from rlt_jax.training import recipes
 
 
 def get_config(arg=None):

@@ -20,7 +20,7 @@ Cost: see docs/benchmarks.md for the measured step times. Every variant scans it
 over all devices.
 """
 
-from rlt_jax import recipes
+from rlt_jax.training import recipes
 
 
 def get_config(arg=None):

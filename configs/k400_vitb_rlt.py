@@ -9,7 +9,7 @@ wall-clock; not reproduced here. Every kept token is trained on; batches are sor
 count within windows of 16 and laid out as one token stream (docs/benchmarks.md).
 """
 
-from rlt_jax import recipes
+from rlt_jax.training import recipes
 
 
 def get_config(arg=None):

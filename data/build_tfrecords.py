@@ -3,11 +3,11 @@
     python data/build_tfrecords.py --format kinetics --annotations kinetics400/train.csv \
         --video_dir kinetics400/train --output_dir /data/k400 --split train --workers 16
 
-The converter lives in `rlt_jax/build_tfrecords.py` (also `python -m rlt_jax.build_tfrecords`);
-`--help` lists every option.
+The converter lives in `rlt_jax/data/build_tfrecords.py` (also
+`python -m rlt_jax.data.build_tfrecords`); `--help` lists every option.
 """
 
-from rlt_jax import build_tfrecords
+from rlt_jax.data import build_tfrecords
 
 if __name__ == "__main__":
   build_tfrecords.main()

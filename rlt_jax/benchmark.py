@@ -50,12 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlt_jax import (augment, build_tfrecords, device_time, files, forward, input_pipeline,
-                     optim, recipes, rlt, sharding, two_phase, video)
-from rlt_jax import layout as layout_lib
-from rlt_jax import train as train_lib
-from rlt_jax.models import tome as tome_lib
-from rlt_jax.models import vit
+from rlt_jax import layout, rlt
+from rlt_jax.data import build_tfrecords, input_pipeline, video
+from rlt_jax.models import tome, vit
+from rlt_jax.runtime import device_time, files, sharding
+from rlt_jax.training import augment, forward, optim, recipes, train, two_phase
 
 # Dense bf16 peak FLOP/s by device kind (vendor figures), for MFU.
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
@@ -132,7 +131,8 @@ def data(num_videos: int = 8, seconds: float = 10.0, batches: int = 20) -> dict:
   }
 
 
-def forward_flops(spec: vit.ModelSpec, tokens: np.ndarray, tome: tuple[int, ...] = ()) -> float:
+def forward_flops(spec: vit.ModelSpec, tokens: np.ndarray, merges: tuple[int, ...] = ()
+                  ) -> float:
   """FLOPs of the forward pass of clips with these token counts (each clip alone, no padding):
   patch embedding, qkv/proj/MLP matmuls (linear in n) and the two attention matmuls (n²).
   With ToMe, block l runs on n − r_1 − … − r_{l−1} tokens (its own merge follows attention)."""
@@ -141,8 +141,8 @@ def forward_flops(spec: vit.ModelSpec, tokens: np.ndarray, tome: tuple[int, ...]
   merged = np.zeros_like(n)
   for layer in range(spec.depth):
     size = np.maximum(n - merged, 1)
-    flops += layout_lib.block_flops(size, spec.width, spec.mlp_dim)
-    merged = merged + np.minimum(tome[layer] if layer < len(tome) else 0, size // 2)
+    flops += layout.block_flops(size, spec.width, spec.mlp_dim)
+    merged = merged + np.minimum(merges[layer] if layer < len(merges) else 0, size // 2)
   return flops
 
 
@@ -183,9 +183,7 @@ def _clips(spec: vit.ModelSpec, source: str, count: int, seed: int = 0) -> np.nd
   """uint8 clips at the model's shape: synthetic clips or centre views of TFRecords."""
   if source == "synthetic":
     return synthetic_clips(count, num_frames=spec.num_frames, size=spec.image_size, seed=seed)
-  sampling = input_pipeline.Sampling(num_frames=spec.num_frames, image_size=spec.image_size,
-                                     tubelet_size=spec.tubelet_size,
-                                     patch_size=spec.patch_size)
+  sampling = input_pipeline.Sampling(num_frames=spec.num_frames, image_size=spec.image_size)
   clips = []
   for batch in input_pipeline.make_dataset(source, mode="eval", sampling=sampling,
                                            batch_size=1):
@@ -229,7 +227,7 @@ SETTINGS = ("none", "rlt padded, unsorted", "rlt padded, sorted", "rlt stream, u
 class Setting:
   name: str
   policy: rlt.Policy
-  layout: layout_lib.Layout
+  layout: layout.Layout
   sort: bool = True
   tome: int = 0
 
@@ -330,7 +328,7 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
                          patch_size=spec.patch_size)
   fraction = float(kept.mean()) / n
   tome_budget = _tome_matching(spec, float(kept.mean())) if tome_r == -1 else tome_r
-  stream, padded = layout_lib.Layout("stream"), layout_lib.Layout("padded")
+  stream, padded = layout.Layout("stream"), layout.Layout("padded")
   random_policy = rlt.Policy("random", keep_fraction=max(fraction, 1 / n))
   settings = [Setting(name, *how) for name, how in zip(SETTINGS, [
       (rlt.Policy("none"), padded, False), (rlt_policy, padded, False), (rlt_policy, padded),
@@ -351,19 +349,19 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
   for setting in settings:
     counts = rlt.kept_counts(clips, setting.policy, tubelet_size=spec.tubelet_size,
                              patch_size=spec.patch_size)
-    order = forward.order_by_cost(counts) if setting.sort else np.arange(len(clips))
+    order = input_pipeline.order_by_cost(counts) if setting.sort else np.arange(len(clips))
     chunks = [jnp.asarray(clips[order[i * batch:(i + 1) * batch]]) for i in range(batches)]
     run_model = (model.clone(tome=_schedule(spec, setting.tome), scan=False) if setting.tome
                  else model)  # ToMe changes the token count from block to block: no scan
     run_params = vit.arrange_blocks(params, run_model.scan)
-    tome = _schedule(spec, setting.tome) if setting.tome else ()
+    merges = _schedule(spec, setting.tome) if setting.tome else ()
     fwd = forward.Forward(run_model, setting.policy, setting.layout)
     valid = np.ones(batch, bool)
     inputs = [(chunk, valid, rng) for chunk in chunks]
     timing, _ = _time_loop(fwd.driver, run_params, inputs, advance=False, repeats=repeats)
-    select = jax.jit(lambda x, p=setting.policy: forward.select(x, p, spec, rng=rng)[2])
+    select = jax.jit(lambda x, p=setting.policy: forward.mask_clips(x, p, spec, rng=rng)[2])
     overhead_s = sum(_median_time(select, chunk, repeats=repeats) for chunk in chunks)
-    flops = forward_flops(spec, timing.counts, tome)
+    flops = forward_flops(spec, timing.counts, merges)
     row = {"setting": setting.name, "tokens_kept": float(timing.counts.mean()),
            "forward_clips_per_s": len(timing.counts) / timing.seconds,
            "forward_tokens_per_s": float(timing.counts.sum()) / timing.seconds,
@@ -376,18 +374,18 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
           os.path.join(profile, _slug(setting.name) + "-forward"), fwd.driver, run_params, inputs,
           advance=False)
     if train_steps:
-      train, breakdown = _train_timing(run_model, run_params, chunks, setting, mesh, repeats,
+      timed, breakdown = _train_timing(run_model, run_params, chunks, setting, mesh, repeats,
                                        profile)
-      train_flops = forward_flops(spec, train.counts, tome)
+      train_flops = forward_flops(spec, timed.counts, merges)
       row.update({
-          "train_clips_per_s": len(train.counts) / train.seconds,
-          "train_tokens_per_s": float(train.counts.sum()) / train.seconds,
-          "train_tokens_kept": float(train.counts.mean()),
-          "train_ideal_speedup": full_flops * len(train.counts) / batch / train_flops,
-          "train_plans": train.plans, "train_compile_s": train.compile_s,
-          "train_s": train.seconds,
+          "train_clips_per_s": len(timed.counts) / timed.seconds,
+          "train_tokens_per_s": float(timed.counts.sum()) / timed.seconds,
+          "train_tokens_kept": float(timed.counts.mean()),
+          "train_ideal_speedup": full_flops * len(timed.counts) / batch / train_flops,
+          "train_plans": timed.plans, "train_compile_s": timed.compile_s,
+          "train_s": timed.seconds,
           # forward + backward ≈ 3 × the forward FLOPs (recomputation not counted)
-          "train_mfu": 3 * train_flops / train.seconds / peak if peak else None})
+          "train_mfu": 3 * train_flops / timed.seconds / peak if peak else None})
       if breakdown is not None:
         breakdowns[f"{setting.name} train"] = breakdown
     results.append(row)
@@ -418,14 +416,14 @@ def _slug(name: str) -> str:
 
 
 def _schedule(spec: vit.ModelSpec, r: int) -> tuple[int, ...]:
-  return tome_lib.schedule(r, spec.depth, spec.num_tokens)
+  return tome.schedule(r, spec.depth, spec.num_tokens)
 
 
 def _tome_matching(spec: vit.ModelSpec, tokens: float) -> int:
   """The constant ToMe r whose mean tokens per block match RLT's (a matched FLOP budget)."""
   best, gap = 0, float("inf")
   for r in range(0, spec.num_tokens // 2):
-    counts = tome_lib.token_counts(spec.num_tokens, _schedule(spec, r))
+    counts = tome.token_counts(spec.num_tokens, _schedule(spec, r))
     g = abs(float(np.mean(counts[:spec.depth])) - tokens)
     if g < gap:
       best, gap = r, g
@@ -433,7 +431,7 @@ def _tome_matching(spec: vit.ModelSpec, tokens: float) -> int:
 
 
 def _train_step(model, params, batch_size: int, policy: rlt.Policy,
-                token_layout: layout_lib.Layout, mesh) -> tuple[train_lib.TrainStep, dict]:
+                token_layout: layout.Layout, mesh) -> tuple[train.TrainStep, dict]:
   """The trainer's own step (the release's recipe: AdamW, layer decay, mixing, erasing, drop
   path 0.1) and a fresh state of it on `mesh`."""
   spec = model.spec
@@ -446,7 +444,7 @@ def _train_step(model, params, batch_size: int, policy: rlt.Policy,
            "rng": jax.random.PRNGKey(1), "bad_step": jnp.int32(-1)}
   shardings = sharding.tree_shardings(mesh, state)
   state = jax.device_put(jax.tree_util.tree_map(jnp.array, state), shardings)  # a copy: donated
-  step = train_lib.TrainStep(model.clone(drop_path=0.1), tx, lr_schedule, aug, policy,
+  step = train.TrainStep(model.clone(drop_path=0.1), tx, lr_schedule, aug, policy,
                              token_layout, 1, mesh, shardings)
   return step, state
 
@@ -468,7 +466,7 @@ def _train_timing(model, params, chunks, setting: Setting, mesh, repeats: int,
             for i, chunk in enumerate(chunks) for r in range(repeats)]
   if setting.policy.kind == "rlt":  # as a run: a fixed set of shapes from its steps' counts
     samples = [step.begin(*args).host_counts() for args in inputs]
-    step.use_shapes(layout_lib.choose_shapes(
+    step.use_shapes(layout.choose_shapes(
         samples, setting.layout, num_tokens=spec.num_tokens, groups=step.groups,
         max_shapes=16, width=spec.width, mlp_dim=spec.mlp_dim))
   timing, state = _time_loop(step.driver, state, inputs, advance=True, repeats=1)
@@ -495,7 +493,7 @@ def train_step_ops(variant: str, batch: int, dtype: str, frames_path: str | None
   params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), params)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   step, state = _train_step(model, params, batch, rlt.Policy("rlt", threshold),
-                            layout_lib.Layout(kind), mesh)
+                            layout.Layout(kind), mesh)
   pending = step.begin(jax.random.PRNGKey(1), 0, _train_batch(mesh, clips[:batch]))
   plan = step.driver.plan(pending)
   counts = device_time.op_counts(step.driver.compile(plan, state, pending.outputs).as_text())
@@ -561,7 +559,7 @@ def layout_ceiling(counts: np.ndarray, spec: vit.ModelSpec, *, batch: int, group
   """
   rng = np.random.default_rng(seed)
   drawn = rng.choice(np.asarray(counts), size=population // batch * batch)
-  ideal = layout_lib.ideal_flops_ratio(drawn, spec.num_tokens, spec.width, spec.mlp_dim)
+  ideal = layout.ideal_flops_ratio(drawn, spec.num_tokens, spec.width, spec.mlp_dim)
   rows = []
   for kind in ("padded", "stream"):
     for sort in (False, True):
@@ -571,12 +569,12 @@ def layout_ceiling(counts: np.ndarray, spec: vit.ModelSpec, *, batch: int, group
         for i in range(0, len(order), span):
           order[i:i + span] = np.sort(order[i:i + span])
       batches = [order[i:i + batch] for i in range(0, len(order), batch)]
-      plans = [layout_lib.plan(b, layout_lib.Layout(kind), num_tokens=spec.num_tokens,
+      plans = [layout.plan(b, layout.Layout(kind), num_tokens=spec.num_tokens,
                                groups=groups) for b in batches]
       rows.append(_ceiling_row(kind, sort, plans, ideal, spec))
       if kind == "stream" and sort:  # as training runs: ≤ 16 shapes fixed from 16 batches
-        shapes = layout_lib.choose_shapes(
-            batches[:16], layout_lib.Layout(kind), num_tokens=spec.num_tokens, groups=groups,
+        shapes = layout.choose_shapes(
+            batches[:16], layout.Layout(kind), num_tokens=spec.num_tokens, groups=groups,
             max_shapes=16, width=spec.width, mlp_dim=spec.mlp_dim)
         rows.append(_ceiling_row(kind, sort, [shapes.fit(b) for b in batches], ideal, spec,
                                  fixed=True))
@@ -585,7 +583,7 @@ def layout_ceiling(counts: np.ndarray, spec: vit.ModelSpec, *, batch: int, group
 
 def _ceiling_row(kind: str, sort: bool, plans: list, ideal: float, spec: vit.ModelSpec,
                  fixed: bool = False) -> dict:
-  planned = float(np.mean([layout_lib.plan_flops_ratio(p, spec.width, spec.mlp_dim)
+  planned = float(np.mean([layout.plan_flops_ratio(p, spec.width, spec.mlp_dim)
                            for p in plans]))
   return {"layout": kind, "sorted": sort, "fixed_shapes": fixed, "flops_ratio": planned,
           "speedup_ceiling": 1 / planned, "ideal_speedup": 1 / ideal,
@@ -664,7 +662,7 @@ def main(argv: list[str] | None = None) -> None:
   ops_parser.add_argument("--batch", type=int, default=32)
   ops_parser.add_argument("--dtype", default="bfloat16", choices=sorted(vit.DTYPES))
   ops_parser.add_argument("--frames", help="a .npy of uint8 clips (default: synthetic clips)")
-  ops_parser.add_argument("--layout", default="stream", choices=layout_lib.KINDS)
+  ops_parser.add_argument("--layout", default="stream", choices=layout.KINDS)
   ops_parser.add_argument("--output", help="also write the results as JSON here")
   compile_parser = sub.add_parser("compile", help="compile time, unrolled vs scanned blocks")
   compile_parser.add_argument("--variant", default="L/16", choices=sorted(vit.VARIANTS))

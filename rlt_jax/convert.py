@@ -26,7 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlt_jax import checkpoint, files, torch_checkpoint
+from rlt_jax.checkpoints import checkpoint, torch_checkpoint
+from rlt_jax.runtime import files
 from rlt_jax.models import vit
 
 STANDARD_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}

@@ -186,17 +186,20 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif _multi_process_environment():
     jax.distributed.initialize()
-  from rlt_jax import checkpoint, console, files, input_pipeline, tfrecord, train
+  from rlt_jax.checkpoints import checkpoint
+  from rlt_jax.data import input_pipeline, tfrecord
+  from rlt_jax.runtime import console, files
+  from rlt_jax.training import configure, run, train
   verbosity = FLAGS["verbosity"]  # absl's; it reads 0 (INFO) when not given
   console.setup_logging(verbose=FLAGS.verbose or (verbosity.present and verbosity.value >= 0))
   logging.info("command: %s", shlex.join(sys.argv))
   try:
-    train.run(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, files.UnsafeWorkdir, FileNotFoundError, files.WorkdirLocked,
-          tfrecord.CorruptRecordError, train.DataError, train.NonFiniteLossError,
+    run.run(FLAGS.config, FLAGS.workdir)
+  except (configure.ConfigError, files.UnsafeWorkdir, FileNotFoundError, files.WorkdirLocked,
+          tfrecord.CorruptRecordError, input_pipeline.DataError, train.NonFiniteLossError,
           checkpoint.NoRestorableCheckpoint, input_pipeline.BadRecordError, OSError) as e:
     logging.info("stopped by an error", exc_info=True)  # the traceback: log file only
-    usage = isinstance(e, (train.ConfigError, files.UnsafeWorkdir))
+    usage = isinstance(e, (configure.ConfigError, files.UnsafeWorkdir))
     _fail(str(e), USAGE_ERROR if usage else RUN_ERROR)
 
 

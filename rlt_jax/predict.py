@@ -22,9 +22,12 @@ import sys
 import jax
 import numpy as np
 
-from rlt_jax import (checkpoint, convert, files, forward, layout, rlt, torch_checkpoint,
-                     video)
-from rlt_jax.models import vit
+from rlt_jax import convert, layout, rlt
+from rlt_jax.checkpoints import checkpoint, torch_checkpoint
+from rlt_jax.data import input_pipeline, video
+from rlt_jax.models import tome, vit
+from rlt_jax.runtime import files
+from rlt_jax.training import forward
 
 
 def check_output(path: str) -> None:
@@ -51,15 +54,14 @@ class Predictor:
   """Batched logits for uint8 clips under a token policy (and optionally ToMe)."""
 
   def __init__(self, spec: vit.ModelSpec, params: dict, *, policy: rlt.Policy = rlt.Policy(),
-               batch_size: int = 8, tome: int = 0, seed: int = 0):
+               batch_size: int = 8, merges: int = 0, seed: int = 0):
     if batch_size < 1:
       raise ValueError(f"--batch_size {batch_size}: expected ≥ 1")
     self.spec, self.params, self.batch_size, self.policy = spec, params, batch_size, policy
     model = vit.build(spec)
-    if tome:
-      from rlt_jax.models import tome as tome_lib
-      model = model.clone(tome=tome_lib.schedule(tome, spec.depth, spec.num_tokens))
-    token_layout = layout.Layout("padded" if tome else "stream")
+    if merges:
+      model = model.clone(tome=tome.schedule(merges, spec.depth, spec.num_tokens), scan=False)
+    token_layout = layout.Layout("padded" if merges else "stream")
     self.forward = forward.Forward(model, policy, token_layout)
     self.rng = jax.random.PRNGKey(seed)
 
@@ -73,7 +75,7 @@ class Predictor:
       raise ValueError("no clips to run (an empty array)")
     counts = rlt.kept_counts(frames, self.policy, tubelet_size=self.spec.tubelet_size,
                              patch_size=self.spec.patch_size)
-    order = forward.order_by_cost(counts)
+    order = input_pipeline.order_by_cost(counts)
     logits = np.zeros((len(frames), self.spec.num_classes), np.float32)
     kept = np.zeros(len(frames), np.int32)
     for start in range(0, len(frames), self.batch_size):
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
       check_output(args.output)  # before the work, not after it
     spec, params = load(args.checkpoint)
     predictor = Predictor(spec, params, policy=token_policy, batch_size=args.batch_size,
-                          tome=args.tome)
+                          merges=args.tome)
     if args.frames:
       try:
         clips_ = np.load(args.frames, allow_pickle=False)

@@ -195,3 +195,16 @@ def kept_counts(frames: np.ndarray, policy: Policy, *, tubelet_size: int,
   if policy.max_tokens is not None:
     counts = np.minimum(counts, policy.max_tokens)
   return counts.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptCount:
+  """Tokens one uint8 clip (T, H, W, 3) keeps under `policy`, on the host: the cost by which
+  the input pipeline orders clips before batching (a picklable callable with a stable repr)."""
+  policy: Policy
+  tubelet_size: int
+  patch_size: int
+
+  def __call__(self, clip: np.ndarray) -> int:
+    return int(kept_counts(np.asarray(clip)[None], self.policy, tubelet_size=self.tubelet_size,
+                           patch_size=self.patch_size)[0])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlt_jax import sharding
+from rlt_jax.runtime import sharding
 from rlt_jax.models import attention
 from rlt_jax.models.attention import dot_product_attention
 

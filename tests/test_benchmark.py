@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from rlt_jax import benchmark, rlt, two_phase
+from rlt_jax import benchmark, rlt
+from rlt_jax.training import two_phase
 from rlt_jax.models import vit
 
 
@@ -69,7 +70,7 @@ def test_flops_count_each_clip_alone_and_tome_per_block():
   spec = vit.ModelSpec.from_variant("B/16", num_classes=400)
   full = benchmark.forward_flops(spec, [1568])
   assert benchmark.forward_flops(spec, [784, 784]) < full * 2 * 0.5 + 1  # n² attention term
-  assert benchmark.forward_flops(spec, [1568], tome=(100,) * 12) < full
+  assert benchmark.forward_flops(spec, [1568], merges=(100,) * 12) < full
 
 
 def test_the_ceiling_is_highest_for_sorted_streams():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rlt_jax import build_tfrecords, dmvr, tfrecord, video
+from rlt_jax.data import build_tfrecords, dmvr, tfrecord, video
 from videos import write_video
 
 GOOD = {"abc_000010_000020": ("juggling", ".mp4"), "def_000000_000010": ("abseiling", ".mp4"),
@@ -265,7 +265,7 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
 
 
 def test_two_conversions_of_one_split_do_not_run_at_once(tmp_path):
-  from rlt_jax import files
+  from rlt_jax.runtime import files
   (tmp_path / "out" / ".x.progress").mkdir(parents=True)
   with files.workdir_lock(tmp_path / "out" / ".x.progress"):
     with pytest.raises(SystemExit, match="another conversion of 'x' is running there"):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlt_jax import checkpoint
+from rlt_jax.checkpoints import checkpoint
 
 
 def state(value=1.0):

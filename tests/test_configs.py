@@ -8,7 +8,8 @@ import os
 import jax
 import pytest
 
-from rlt_jax import checkpoint, train
+from rlt_jax.checkpoints import checkpoint
+from rlt_jax.training import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -37,7 +38,7 @@ def test_every_config_file_is_covered_and_opens_with_its_command():
                                       for a in ARGS.get(os.path.basename(p), [""])])
 def test_config_passes_check_and_builds_its_model_abstractly(path, arg):
   config = load(path).get_config(arg or None)
-  spec = train.check(config, files_too=False)
+  spec = configure.check(config, files_too=False)
   params = checkpoint.abstract_params(spec)
   count = sum(x.size for x in jax.tree_util.tree_leaves(params))
   assert count > 0

@@ -15,7 +15,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from rlt_jax import checkpoint, convert, files, forward, layout, rlt, torch_checkpoint
+from rlt_jax import convert, layout, rlt
+from rlt_jax.checkpoints import checkpoint, torch_checkpoint
+from rlt_jax.runtime import files
+from rlt_jax.training import forward
 from rlt_jax.models import vit
 from torch_files import PlainArray, View, laughs, text, write_hostile, write_pth, write_raw
 

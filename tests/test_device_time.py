@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlt_jax import device_time
+from rlt_jax.runtime import device_time
 
 
 def step(w, x, idx):

@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from rlt_jax import evaluate, forward, layout, rlt, sharding
+from rlt_jax import layout, rlt
+from rlt_jax.runtime import sharding
+from rlt_jax.training import evaluate, forward
 from rlt_jax.models import vit
 
 SPEC = vit.ModelSpec.from_variant("tiny", num_classes=5, num_frames=4, image_size=32,
@@ -28,7 +30,7 @@ def batches(num_records=6, views=2, batch_size=4, seed=0):
           "view": np.concatenate([np.tile(np.arange(views), num_records),
                                   np.zeros(pad, int)]).astype(np.int32),
           "valid": np.arange(total) < len(frames), "error": np.zeros(total, bool)}
-  data["kept"] = rlt.kept_counts(data["frames"], rlt.Policy("rlt"), tubelet_size=2,
+  data["cost"] = rlt.kept_counts(data["frames"], rlt.Policy("rlt"), tubelet_size=2,
                                  patch_size=16)
   return [{k: v[i:i + batch_size] for k, v in data.items()} for i in range(0, total,
                                                                             batch_size)]
@@ -57,7 +59,7 @@ def test_regrouping_keeps_every_example_and_the_batch_count():
                           for i, v, ok in zip(b["index"], b["view"], b["valid"]))
   assert key(regrouped) == key(original)
   for start in range(0, len(regrouped), 4):  # within a window, batches ascend in cost
-    kept = [np.where(b["valid"], b["kept"], 0) for b in regrouped[start:start + 4]]
+    kept = [np.where(b["valid"], b["cost"], 0) for b in regrouped[start:start + 4]]
     flat = np.concatenate(kept)
     assert (np.diff(flat) >= 0).all()
 

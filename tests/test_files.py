@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from rlt_jax import files
+from rlt_jax.runtime import files
 
 NOBODY = 65534  # another user's uid
 

@@ -9,8 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from rlt_jax import forward, layout, rlt, sharding
+from rlt_jax import layout, rlt
+from rlt_jax.data import input_pipeline
 from rlt_jax.models import vit
+from rlt_jax.runtime import sharding
+from rlt_jax.training import forward
 from test_layout import SPEC, N, clips, random_params, run
 
 TS, P = SPEC.tubelet_size, SPEC.patch_size
@@ -72,7 +75,7 @@ class TestPlans:
 
   def test_order_by_cost_puts_similar_clips_together(self):
     counts = np.array([30, 10, 30, 20, 10])
-    order = forward.order_by_cost(counts)
+    order = input_pipeline.order_by_cost(counts)
     assert order.tolist() == [1, 4, 3, 0, 2]  # ascending, ties in their original order
 
 
@@ -111,7 +114,7 @@ class TestPolicies:
     for b in range(4):
       candidates = np.nonzero(scores[b] > policy.threshold)[0]
       mask[b, candidates[np.argsort(-scores[b, candidates], kind="stable")[:cap]]] = True
-    _, device_mask, _ = forward.select(frames, policy, SPEC)
+    _, device_mask, _ = forward.mask_clips(frames, policy, SPEC)
     np.testing.assert_array_equal(device_mask, mask)
     np.testing.assert_allclose(logits, run(model, params, normalised, mask, plan), atol=1e-5,
                                rtol=0)

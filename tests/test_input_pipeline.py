@@ -5,12 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from rlt_jax import dmvr, input_pipeline, rlt, synthetic, tfrecord, video
+from rlt_jax import rlt
+from rlt_jax.data import dmvr, input_pipeline, synthetic, tfrecord, video
 
-SAMPLING = input_pipeline.Sampling(num_frames=4, stride=2, image_size=32, flip=True,
-                                   patch_size=8)
+SAMPLING = input_pipeline.Sampling(num_frames=4, stride=2, image_size=32, flip=True)
 MULTI_VIEW = dataclasses.replace(SAMPLING, views=(2, 3))
 RLT = rlt.Policy("rlt", 0.1)
+KEPT = rlt.KeptCount(RLT, tubelet_size=2, patch_size=8)  # the caller's cost of a clip
 
 
 @pytest.fixture(scope="module")
@@ -152,20 +153,20 @@ def test_multi_views_are_the_release_views_of_the_stored_frames(data):
   np.testing.assert_array_equal(np.stack(got), expected)
 
 
-def test_host_kept_counts_follow_the_device_rule(data):
-  sampling = dataclasses.replace(SAMPLING, policy=RLT)
-  (batch,) = take(train(data, sampling=sampling), 1)
+def test_examples_carry_the_callers_cost_here_the_kept_tokens_of_the_device_rule(data):
+  (batch,) = take(train(data, cost=KEPT), 1)
   mask = rlt.select(rlt.normalize(batch["frames"]), RLT, tubelet_size=2, patch_size=8)
-  np.testing.assert_array_equal(batch["kept"], np.asarray(mask).sum(-1))
+  np.testing.assert_array_equal(batch["cost"], np.asarray(mask).sum(-1))
+  assert "cost" not in take(train(data), 1)[0]  # without one, the pipeline computes nothing
 
 
 # ------------------------------------------------------------------ length-aware order
 
 
 def test_record_costs_are_the_kept_counts_of_each_centre_clip(data, tmp_path):
-  sampling = dataclasses.replace(SAMPLING, policy=RLT)
+  sampling = SAMPLING
   patterns = str(data / "train.tfrecord-*")
-  costs = input_pipeline.record_costs(patterns, sampling, cache_dir=str(tmp_path))
+  costs = input_pipeline.record_costs(patterns, sampling, KEPT, cache_dir=str(tmp_path))
   source = input_pipeline.open_source(patterns)
   for i in (0, 5, 17):
     _, shard, offset, raw = source[i]
@@ -174,7 +175,7 @@ def test_record_costs_are_the_kept_counts_of_each_centre_clip(data, tmp_path):
     assert costs[i] == rlt.kept_counts(clip[None], RLT, tubelet_size=2, patch_size=8)[0]
   assert len(list(tmp_path.iterdir())) == 1  # cached
   np.testing.assert_array_equal(
-      input_pipeline.record_costs(patterns, sampling, cache_dir=str(tmp_path)), costs)
+      input_pipeline.record_costs(patterns, sampling, KEPT, cache_dir=str(tmp_path)), costs)
 
 
 def sorted_train(data, costs, **kw):

@@ -1,7 +1,7 @@
 """main.py and console.py: short help, one-line errors, a quiet console, progress bar, summary.
 
 No training here: flag errors stop before jax starts, and the error paths of `main` run against
-a stand-in `rlt_jax.train` whose `run` raises.
+a stand-in `rlt_jax.training.train` whose `run` raises.
 """
 
 import logging
@@ -12,7 +12,8 @@ import textwrap
 
 import pytest
 
-from rlt_jax import console, main
+from rlt_jax import main
+from rlt_jax.runtime import console
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = """
@@ -118,18 +119,16 @@ def test_config_helpers_suggest_the_nearest_key():
   assert main.unknown_key_message("zzz", keys) == "unknown config key 'zzz'"
 
 
-# A stand-in for rlt_jax.train: its run logs like the libraries do, then raises ERROR.
+# A stand-in for rlt_jax.training.run: its run logs like the libraries do, then raises ERROR.
 STAND_IN = """
 import logging, sys, types
-import rlt_jax
-from rlt_jax import console, files, tfrecord
+import rlt_jax.training
+from rlt_jax.data import tfrecord
+from rlt_jax.runtime import console, files
+from rlt_jax.training.configure import ConfigError
+from rlt_jax.training.train import NonFiniteLossError
 
-train = types.ModuleType("rlt_jax.train")
-class ConfigError(ValueError): pass
-class DataError(RuntimeError): pass
-class NonFiniteLossError(RuntimeError): pass
-train.ConfigError, train.DataError, train.NonFiniteLossError = (
-    ConfigError, DataError, NonFiniteLossError)
+stand_in = types.ModuleType("rlt_jax.training.run")
 
 def run(config, workdir):
   files.prepare_workdir(workdir)
@@ -140,8 +139,8 @@ def run(config, workdir):
   if ERROR is not None:
     raise ERROR
 
-train.run = run
-sys.modules["rlt_jax.train"] = rlt_jax.train = train
+stand_in.run = run
+sys.modules["rlt_jax.training.run"] = rlt_jax.training.run = stand_in
 from absl import app
 from rlt_jax import main
 app.run(main.main, flags_parser=main.parse_flags)
@@ -217,7 +216,7 @@ def test_setup_logging_sends_info_to_the_file_and_warnings_to_the_console(
 
 
 def test_the_log_file_is_never_opened_through_a_planted_link(tmp_path, clean_logging):
-  from rlt_jax import files
+  from rlt_jax.runtime import files
   victim = tmp_path / "victim"
   victim.write_text("precious")
   (tmp_path / "log.txt").symlink_to(victim)
@@ -299,3 +298,15 @@ def test_summary_lists_metrics_paths_and_next_commands():
 --labels /data/classes.txt""")
   short = console.summary({}, wall_time_s=7300.0, title="Evaluation finished")
   assert short == "Evaluation finished in 2 h 01 min."
+
+
+@pytest.mark.parametrize("former, now", [("rlt_jax.tokens", "rlt_jax.kept_tokens"),
+                                         ("rlt_jax.synthetic", "rlt_jax.data.synthetic"),
+                                         ("rlt_jax.build_tfrecords",
+                                          "rlt_jax.data.build_tfrecords")])
+def test_former_command_names_still_work(former, now):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  helps = [subprocess.run([sys.executable, "-m", name, "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120) for name in (former, now)]
+  assert [h.returncode for h in helps] == [0, 0]
+  assert helps[0].stdout == helps[1].stdout and "usage:" in helps[0].stdout

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlt_jax import dmvr, synthetic, tfrecord
+from rlt_jax.data import dmvr, synthetic, tfrecord
 
 SMALL = dict(train_videos=6, val_videos=3, size=32, num_frames=6, videos_per_shard=4)
 

@@ -11,7 +11,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from rlt_jax import dmvr, tfrecord
+from rlt_jax.data import dmvr, tfrecord
 
 TF_CHECK = os.path.join(os.path.dirname(__file__), "tf_read_check.py")
 

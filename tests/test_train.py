@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlt_jax import augment, optim, sharding, synthetic, train
+from rlt_jax.data import input_pipeline, synthetic
 from rlt_jax.models import vit
+from rlt_jax.runtime import sharding
+from rlt_jax.training import augment, configure, optim, train
 import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,17 +150,17 @@ def test_mixing_keeps_targets_normalised_and_cutmix_boxes_cover_every_frame():
 
 
 def one_step(mesh, config, batch):
-  spec = train.model_spec(config)
-  model = train.build_model(config, spec, train=True)
+  spec = configure.model_spec(config)
+  model = configure.build_model(config, spec, train=True)
   rng = jax.random.PRNGKey(0)
   params = vit.build(spec).init(rng, vit.example_tokens(spec))["params"]  # unrolled …
-  params = vit.arrange_blocks(params, train.scans(config))  # … whatever model.scan says
+  params = vit.arrange_blocks(params, configure.scans(config))  # … whatever model.scan says
   tx, lr = optim.make(config, params, depth=spec.depth, total_steps=10, warmup_steps=0)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(3), "rng": rng,
            "bad_step": jnp.int32(-1)}
   shardings = sharding.tree_shardings(mesh, state, min_size=16)
-  step = train.TrainStep(model, tx, lr, augment.Augment(num_classes=8), train.policy(config),
-                         train.token_layout(config), config.grad_accum_steps, mesh, shardings)
+  step = train.TrainStep(model, tx, lr, augment.Augment(num_classes=8), configure.token_policy(config),
+                         configure.token_layout(config), config.grad_accum_steps, mesh, shardings)
   state, metrics = step(jax.device_put(state, shardings), sharding.global_batch(mesh, batch))
   return jax.device_get(state), jax.device_get(metrics), shardings, step
 
@@ -214,21 +216,21 @@ def test_a_fixed_capacity_that_a_clip_overflows_stops_training_before_the_step()
 
 
 def test_labels_outside_the_classes_are_weighted_out_and_counted():
-  check = train._DataCheck(num_classes=8, max_bad_fraction=0.5, strict=False)
+  check = input_pipeline.BatchCheck(num_classes=8, max_bad_fraction=0.5, strict=False)
   batch = {"label": np.array([0, 99, -5, 7], np.int32), "valid": np.ones(4, bool),
            "error": np.zeros(4, bool)}
   out = check(batch)
   np.testing.assert_array_equal(out["valid"], [True, False, False, True])
   assert check.totals() == {"bad_records": 0, "bad_labels": 2}
-  with pytest.raises(train.DataError, match=r"outside \[0, 8\)"):
-    train._DataCheck(num_classes=8, max_bad_fraction=0.5, strict=True)(batch)
+  with pytest.raises(input_pipeline.DataError, match=r"outside \[0, 8\)"):
+    input_pipeline.BatchCheck(num_classes=8, max_bad_fraction=0.5, strict=True)(batch)
 
 
 def test_a_dataset_of_bad_records_stops_the_run():
-  check = train._DataCheck(num_classes=8, max_bad_fraction=0.05, strict=False)
+  check = input_pipeline.BatchCheck(num_classes=8, max_bad_fraction=0.05, strict=False)
   batch = {"label": np.full(4, -1, np.int32), "valid": np.zeros(4, bool),
            "error": np.ones(4, bool)}
-  with pytest.raises(train.DataError, match="unreadable or mislabelled"):
+  with pytest.raises(input_pipeline.DataError, match="unreadable or mislabelled"):
     for _ in range(4):
       check(batch)
 
@@ -278,8 +280,8 @@ def test_fsdp_splits_big_arrays_along_a_divisible_dimension():
 def test_a_bad_config_fails_before_compiling(data_dir, change, message):
   config = tiny_config.get_config(data_dir)
   change(config)
-  with pytest.raises(train.ConfigError, match=message):
-    train.check(config)
+  with pytest.raises(configure.ConfigError, match=message):
+    configure.check(config)
 
 
 # ------------------------------------------------------------------ runs
@@ -366,7 +368,7 @@ def test_damaged_checkpoints_fall_back_to_an_intact_one_or_stop_in_one_line(data
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused_and_touches_nothing(data_dir, tmp_path):
-  from rlt_jax import files
+  from rlt_jax.runtime import files
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "log.txt").write_text("the first run's log\n")
@@ -409,7 +411,7 @@ def test_a_refused_run_leaves_nothing_behind(data_dir, tmp_path, workdir, change
 
 def test_strict_data_stops_at_a_bad_record_in_one_line(data_dir, tmp_path):
   import shutil
-  from rlt_jax import tfrecord
+  from rlt_jax.data import tfrecord
   copy = tmp_path / "data"
   shutil.copytree(data_dir, copy)
   for shard in copy.glob("train.tfrecord-*-of-*"):  # a flipped byte in every record's payload
@@ -425,11 +427,11 @@ def test_strict_data_stops_at_a_bad_record_in_one_line(data_dir, tmp_path):
 
 
 def test_a_run_too_short_for_the_rolling_check_still_stops_on_bad_data():
-  check = train._DataCheck(num_classes=8, max_bad_fraction=0.05, strict=False)
+  check = input_pipeline.BatchCheck(num_classes=8, max_bad_fraction=0.05, strict=False)
   for errors in ([False] * 4 + [True] * 4, [True] * 2 + [False] * 6):  # 6 of 16 bad
     check({"label": np.zeros(8, np.int32), "valid": ~np.asarray(errors),
            "error": np.asarray(errors)})
-  with pytest.raises(train.DataError, match="6 of the 16 training records read were "
+  with pytest.raises(input_pipeline.DataError, match="6 of the 16 training records read were "
                                             "unreadable"):
     check.finish()
 

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlt_jax import layout, two_phase
+from rlt_jax import layout
+from rlt_jax.training import two_phase
 
 
 def driver(**kwargs):

@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from rlt_jax import video
+from rlt_jax.data import video
 from videos import write_video
 
 
@@ -125,7 +125,7 @@ def test_streaming_memory_grows_with_the_views_not_the_video(tmp_path):
   frames_kb = 400 * 240 * 320 * 3 / 1024
   code = textwrap.dedent("""
       import re, sys
-      from rlt_jax import video
+      from rlt_jax.data import video
       def peak_kb():
         return int(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read())[1])
       before = peak_kb()

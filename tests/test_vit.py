@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlt_jax import checkpoint, convert, forward, layout, rlt
+from rlt_jax import convert, layout, rlt
+from rlt_jax.checkpoints import checkpoint
+from rlt_jax.training import forward
 from rlt_jax.models import tome, vit
 from test_layout import SPEC, N, clips, full_tokens, logits_alone, random_params, run
 

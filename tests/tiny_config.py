@@ -1,6 +1,6 @@
 """A config small enough for tests: `--config=tests/tiny_config.py:DATA_DIR` (synthetic data)."""
 
-from rlt_jax import recipes
+from rlt_jax.training import recipes
 
 
 def get_config(data_dir: str):

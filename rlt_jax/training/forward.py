@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlt_jax import layout, rlt, sharding, two_phase
+from rlt_jax import layout, rlt
+from rlt_jax.runtime import sharding
+from rlt_jax.training import two_phase
 from rlt_jax.models import vit
 
 
@@ -25,9 +27,9 @@ def batch_groups(mesh: jax.sharding.Mesh | None) -> int:
   return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def select(frames: jax.Array, policy: rlt.Policy, spec: vit.ModelSpec, *,
-           rng: jax.Array | None = None, valid: jax.Array | None = None
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def mask_clips(frames: jax.Array, policy: rlt.Policy, spec: vit.ModelSpec, *,
+               rng: jax.Array | None = None, valid: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """uint8 frames → (normalised frames, keep mask (B, N), kept counts (B,)); in jit."""
   normalised = rlt.normalize(frames)
   mask = rlt.select(normalised, policy, tubelet_size=spec.tubelet_size,
@@ -56,7 +58,7 @@ class Forward:
     return self.driver.plans
 
   def _select(self, frames, valid, rng):
-    normalised, mask, counts = select(frames, self.policy, self.spec, rng=rng, valid=valid)
+    normalised, mask, counts = mask_clips(frames, self.policy, self.spec, rng=rng, valid=valid)
     # the patch embedding casts its input to the model's dtype: casting here halves phase 2's
     # input (bf16) and changes nothing; the mask was decided on float32 values
     return (normalised.astype(self.model.dtype), mask), counts
@@ -103,8 +105,3 @@ class Forward:
       previous = batch, pending
     if previous is not None:
       yield previous[0], *self.finish(params, previous[1])
-
-
-def order_by_cost(counts: np.ndarray) -> np.ndarray:
-  """A permutation that puts clips of similar kept counts together (stable, ascending)."""
-  return np.argsort(np.asarray(counts), kind="stable")

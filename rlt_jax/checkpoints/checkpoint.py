@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from rlt_jax import files
+from rlt_jax.runtime import files
 from rlt_jax.models import vit
 
 MODEL_JSON = "model.json"

@@ -16,23 +16,28 @@ import time
 from typing import Any, Iterable
 
 import jax
+import ml_collections
 import numpy as np
 import tqdm
 
-from rlt_jax import files, forward, input_pipeline, layout, rlt, sharding
+from rlt_jax import layout, rlt
+from rlt_jax.checkpoints import checkpoint
+from rlt_jax.data import input_pipeline
 from rlt_jax.models import vit
+from rlt_jax.runtime import console, files, sharding
+from rlt_jax.training import configure, forward
 
 
 def regroup(batches: Iterable[dict[str, np.ndarray]], window: int
             ) -> Iterable[dict[str, np.ndarray]]:
-  """The same examples in the same number of batches, sorted by "kept" within each window."""
+  """The same examples in the same number of batches, sorted by "cost" within each window."""
   it = iter(batches)
   while chunk := list(itertools.islice(it, max(window, 1))):
-    if window <= 1 or "kept" not in chunk[0]:
+    if window <= 1 or "cost" not in chunk[0]:
       yield from chunk
       continue
     merged = {k: np.concatenate([b[k] for b in chunk]) for k in chunk[0]}
-    order = forward.order_by_cost(np.where(merged["valid"], merged["kept"], 0))
+    order = input_pipeline.order_by_cost(np.where(merged["valid"], merged["cost"], 0))
     size = len(chunk[0]["valid"])
     for i in range(len(chunk)):
       yield {k: v[order[i * size:(i + 1) * size]] for k, v in merged.items()}
@@ -113,12 +118,13 @@ def write_report(metrics: dict[str, Any], path: str, class_names: list[str]) -> 
 
 
 def make_batches(patterns: str, sampling: input_pipeline.Sampling, batch_size: int,
-                 workers: int = 0, strict: bool = False, prefetch: int = 2):
-  """This process's eval batches (with host kept counts, for regrouping)."""
+                 workers: int = 0, strict: bool = False, prefetch: int = 2,
+                 cost: input_pipeline.Cost | None = None):
+  """This process's eval batches (each example with its `cost`, for regrouping)."""
   return input_pipeline.make_dataset(
       patterns, mode="eval", sampling=sampling, batch_size=batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(), workers=workers,
-      strict=strict, prefetch=prefetch)
+      strict=strict, prefetch=prefetch, cost=cost)
 
 
 def _replicated(x: jax.Array) -> jax.Array:
@@ -127,3 +133,51 @@ def _replicated(x: jax.Array) -> jax.Array:
     return x
   from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(x, tiled=True)
+
+
+def split(config: ml_collections.ConfigDict, evaluator: Evaluator, spec: vit.ModelSpec,
+          params: Any, name: str, step: int, log: console.MetricsLog, workdir: str,
+          bar: Any = None) -> dict[str, Any]:
+  """Evaluates data.<name> ('val' or 'final') with its views; writes the report, logs the
+  metrics and prints one line."""
+  split = name
+  views = config.data.val_views if split == "val" else config.data.final_views
+  batches = make_batches(config.data[split], configure.sampling(config, spec, views),
+                         config.eval_batch_size // jax.process_count(),
+                         workers=config.data.workers, strict=config.data.strict,
+                         prefetch=config.data.prefetch, cost=configure.clip_cost(config, spec))
+  num_records = input_pipeline.num_examples(config.data[split])
+  metrics = evaluator(params, batches, num_records=num_records, num_classes=spec.num_classes,
+                      description=f"{split} {views} @ {step}",
+                      sort_window=config.data.sort_window)
+  name = f"{split}_{views}_step{step}"
+  write_report(metrics, os.path.join(workdir, f"{name}.json"),
+                        input_pipeline.read_classes(config.data[split]))
+  log.write(step, {f"{split}_{views}/{k}": v for k, v in metrics.items()
+                   if isinstance(v, (int, float))})
+  line = (f"{split} ({views} views) @ step {step}: top-1 {metrics['top1']:.2%}, top-5 "
+          f"{metrics['top5']:.2%} over {metrics['videos']} videos ({metrics['views']} views); "
+          f"tokens kept {metrics['tokens_kept_mean']:.0f}/{metrics['tokens_total']}; "
+          f"{metrics['clips_per_s']:.1f} clips/s")
+  (bar.write if bar is not None else console.say)(line)
+  return metrics
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+        spec: vit.ModelSpec) -> dict[str, Any]:
+  """Evaluate `init_from` on data.final (else data.val) under the config's token policy
+  (config.mode='eval', in a checked, locked workdir)."""
+  model = configure.build_model(config, spec, train=False)
+  _, params = checkpoint.load_model(config.init_from)
+  params = vit.arrange_blocks(params, configure.scans(config))
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  checkpoint.check_params(params, abstract, config.init_from)
+  params = jax.device_put(params, sharding.tree_shardings(mesh, abstract))
+  split_name = "final" if config.data.final else "val"
+  log = console.MetricsLog(workdir)
+  evaluator = Evaluator(model, configure.token_policy(config), configure.token_layout(config),
+                        mesh)
+  try:
+    return split(config, evaluator, spec, params, split_name, 0, log, workdir)
+  finally:
+    log.close()

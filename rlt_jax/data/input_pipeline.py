@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import threading
+from typing import Callable
 
 import grain
 import numpy as np
@@ -30,7 +31,8 @@ from absl import flags, logging
 from etils import epath
 from PIL import Image
 
-from rlt_jax import dmvr, files, rlt, tfrecord, video
+from rlt_jax.data import dmvr, tfrecord, video
+from rlt_jax.runtime import files
 
 MODES = ("train", "eval")
 
@@ -48,9 +50,6 @@ class Sampling:
   min_ratio: float = 3 / 4
   max_ratio: float = 4 / 3
   views: tuple[int, int] = (1, 1)  # evaluation: clips × crops per video
-  policy: rlt.Policy | None = None  # if set, also count each clip's kept tokens (for sorting)
-  tubelet_size: int = 2
-  patch_size: int = 16
 
 
 def list_shards(patterns: str) -> list[epath.Path]:
@@ -151,14 +150,15 @@ def eval_clip(record: dmvr.VideoRecord, view: int, sampling: Sampling) -> np.nda
                    for f in frames])
 
 
+Cost = Callable[[np.ndarray], int]  # a clip (T, H, W, 3) → what it costs to run (e.g. tokens)
+
+
 def _example(clip: np.ndarray, label: int, index: int, view: int, valid: bool, error: bool,
-             sampling: Sampling) -> dict[str, np.ndarray]:
+             cost: Cost | None) -> dict[str, np.ndarray]:
   example = {"frames": clip, "label": np.int32(label), "index": np.int32(index),
              "view": np.int32(view), "valid": np.bool_(valid), "error": np.bool_(error)}
-  if sampling.policy is not None:
-    example["kept"] = rlt.kept_counts(clip[None], sampling.policy,
-                                      tubelet_size=sampling.tubelet_size,
-                                      patch_size=sampling.patch_size)[0]
+  if cost is not None:
+    example["cost"] = np.int32(cost(clip))
   return example
 
 
@@ -168,17 +168,19 @@ class BadRecordError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """One (record, view) → one example; failures become invalid examples unless strict."""
+  """One (record, view) → one example; failures become invalid examples unless strict. With a
+  `cost` (picklable: workers run it), examples also carry "cost", e.g. the tokens RLT keeps."""
   sampling: Sampling
   mode: str
   strict: bool = False
+  cost: Cost | None = None
 
   def __call__(self, item, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     (index, shard, offset, data), view = (item, 0) if self.mode == "train" else item
     s = self.sampling
     if data is None:  # padding to whole batches in evaluation
       blank = np.zeros((s.num_frames, s.image_size, s.image_size, 3), np.uint8)
-      return _example(blank, -1, -1, 0, False, False, s)
+      return _example(blank, -1, -1, 0, False, False, self.cost)
     try:
       record = dmvr.parse(tfrecord.unframe(shard, offset, data))
       clip = (train_clip(record, rng, s) if self.mode == "train"
@@ -190,8 +192,8 @@ class Transform:
                              ) from e
       logging.warning("skipping a bad record: %s", message)
       blank = np.zeros((s.num_frames, s.image_size, s.image_size, 3), np.uint8)
-      return _example(blank, -1, index, view, False, True, s)
-    return _example(clip, record.label, index, view, True, False, s)
+      return _example(blank, -1, index, view, False, True, self.cost)
+    return _example(clip, record.label, index, view, True, False, self.cost)
 
 
 class _ProcessShare(grain.MapDataset):
@@ -298,16 +300,18 @@ class _Order(grain.MapDataset):
     return f"Order(batch={self._batch}, window={self._window}, sorted={self._costs is not None})"
 
 
-def record_costs(patterns: str, sampling: Sampling, *, cache_dir: str | None = None,
-                 process_index: int = 0, process_count: int = 1, workers: int = 0,
-                 strict: bool = False) -> np.ndarray:
-  """Tokens each record's centre clip keeps under `sampling.policy`: the sort key of training.
+def record_costs(patterns: str, sampling: Sampling, cost: Cost, *,
+                 cache_dir: str | None = None, process_index: int = 0, process_count: int = 1,
+                 workers: int = 0, strict: bool = False) -> np.ndarray:
+  """`cost` of each record's centre clip: the sort key of training.
 
-  Decodes one clip per record once; cached in `cache_dir` (keyed by shards, sampling and
-  policy). With several processes each computes a share and all gather the whole array.
+  Decodes one clip per record once; cached in `cache_dir` (keyed by shards, sampling and the
+  cost's repr, so give it a stable one, e.g. a dataclass). With several processes each
+  computes a share and all gather the whole array.
   """
   source = open_source(patterns)
-  key = hashlib.sha256(repr((source.shards, len(source), sampling)).encode()).hexdigest()[:16]
+  key = hashlib.sha256(repr((source.shards, len(source), sampling, cost)).encode()
+                       ).hexdigest()[:16]
   path = os.path.join(cache_dir, f"record_costs_{key}.npy") if cache_dir else None
   if path and os.path.exists(path):
     costs = np.load(path, allow_pickle=False)
@@ -316,9 +320,9 @@ def record_costs(patterns: str, sampling: Sampling, *, cache_dir: str | None = N
   centre = dataclasses.replace(sampling, views=(1, 1))
   share = np.arange(process_index, len(source), process_count)
   ds = grain.MapDataset.source(_Views(source, 1, process_index, process_count, 1))
-  ds = ds.map(Transform(centre, "eval", strict)).to_iter_dataset(
+  ds = ds.map(Transform(centre, "eval", strict, cost)).to_iter_dataset(
       grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=64))
-  mine = np.asarray([int(e["kept"]) for e, _ in zip(ds, share)], np.int32)
+  mine = np.asarray([int(e["cost"]) for e, _ in zip(ds, share)], np.int32)
   if process_count > 1:
     from jax.experimental import multihost_utils
     width = -(-len(source) // process_count)
@@ -344,10 +348,13 @@ def _mark_flags_parsed() -> None:
 def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
                  workers: int = 0, strict: bool = False, prefetch: int = 2,
-                 costs: np.ndarray | None = None, sort_window: int = 0) -> grain.IterDataset:
+                 costs: np.ndarray | None = None, sort_window: int = 0,
+                 cost: Cost | None = None) -> grain.IterDataset:
   """This process's batches (`batch_size` is per process) of dicts of numpy arrays.
 
-  Train: shuffled anew every epoch (and, given per-record `costs`, sorted by cost within
+  With `cost`, every example also carries "cost" (the caller's measure of a clip, e.g. the
+  tokens RLT keeps; the pipeline knows nothing of models). Train: shuffled anew every epoch
+  (and, given per-record `costs`, sorted by cost within
   windows of `sort_window` global batches), repeated `num_epochs` times (None: forever), whole
   batches only. Eval: every (record, view) once, in order, padded with `valid = False`
   examples to whole batches and to the same batch count on every process. At most about
@@ -361,7 +368,7 @@ def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: in
   source = open_source(patterns)
   if len(source) == 0:
     raise FileNotFoundError(f"the shards matching {patterns!r} hold no records")
-  transform = Transform(sampling, mode, strict)
+  transform = Transform(sampling, mode, strict, cost)
   if mode == "train":
     global_batch = batch_size * process_count
     if len(source) < global_batch:
@@ -385,10 +392,71 @@ def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: in
   return ds
 
 
+CLASSES_FILE = "classes.txt"  # class names, one per line (line number = label), beside shards
+
+
+def classes_path(patterns: str) -> epath.Path | None:
+  """The classes.txt next to the first shard of a set, or None if there is none."""
+  path = epath.Path(open_source(patterns).shards[0]).parent / CLASSES_FILE
+  return path if path.exists() else None
+
+
 def read_classes(patterns: str) -> list[str]:
-  """The class names written next to the first shard (classes.txt), or [] if there are none."""
-  path = epath.Path(open_source(patterns).shards[0]).parent / "classes.txt"
-  return [line for line in path.read_text().splitlines() if line] if path.exists() else []
+  """The class names of a shard set (`classes_path`), or [] if there are none."""
+  path = classes_path(patterns)
+  return [line for line in path.read_text().splitlines() if line] if path else []
+
+
+def order_by_cost(costs: np.ndarray) -> np.ndarray:
+  """A permutation that puts clips of similar cost together (stable, ascending): batches cut
+  from it hold clips that fit the same static shapes."""
+  return np.argsort(np.asarray(costs), kind="stable")
+
+
+class DataError(RuntimeError):
+  """Too many bad records or labels to trust the data."""
+
+
+class BatchCheck:
+  """Host-side checks of each local training batch before it is used: labels outside
+  [0, classes) are counted and weighted out (or stop the run when strict); too many bad
+  records in the last ~20 batches stop the run, and `finish` checks a run too short for that,
+  so an unreadable dataset never "trains" to the end."""
+
+  def __init__(self, num_classes: int, max_bad_fraction: float, strict: bool):
+    self.num_classes, self.limit, self.strict = num_classes, max_bad_fraction, strict
+    self.recent: list[tuple[int, int]] = []
+    self.bad_labels = self.bad_records = self.seen = 0
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    label, valid = batch["label"], batch["valid"].astype(bool)
+    outside = valid & ((label < 0) | (label >= self.num_classes))
+    if outside.any():
+      if self.strict:
+        raise DataError(f"labels {sorted(set(label[outside].tolist()))[:5]} are outside "
+                        f"[0, {self.num_classes}) (config.data.strict)")
+      self.bad_labels += int(outside.sum())
+      batch = dict(batch, valid=valid & ~outside, label=np.where(outside, 0, label))
+    errors = int(batch["error"].sum())
+    self.bad_records += errors
+    self.seen += len(label)
+    self.recent = (self.recent + [(errors + int(outside.sum()), len(label))])[-20:]
+    bad, seen = map(sum, zip(*self.recent))
+    if seen >= 4 * len(label) and bad > self.limit * seen:
+      raise DataError(f"{bad} of the last {seen} training records are unreadable or mislabelled "
+                      f"(limit config.data.max_bad_fraction={self.limit}); the log names them")
+    return batch
+
+  def finish(self) -> None:
+    """At the end of a run too short for the rolling check: the whole run's share."""
+    bad = self.bad_records + self.bad_labels
+    if self.seen and bad > self.limit * self.seen:
+      raise DataError(f"{bad} of the {self.seen} training records read were unreadable or "
+                      f"mislabelled (limit config.data.max_bad_fraction={self.limit}); the "
+                      "log names them. The model was not exported")
+
+  def totals(self) -> dict[str, int]:
+    return {"bad_records": self.bad_records, "bad_labels": self.bad_labels}
 
 
 def num_examples(patterns: str) -> int:

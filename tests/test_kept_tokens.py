@@ -1,4 +1,4 @@
-"""tokens.py: tokens kept per τ for a video, dataset or clips, the pictures, and refusals."""
+"""kept_tokens.py: tokens kept per τ for a video, dataset or clips, the pictures, and refusals."""
 
 import os
 import subprocess
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rlt_jax import rlt, synthetic, tokens, video
+from rlt_jax import kept_tokens, rlt
+from rlt_jax.data import synthetic, video
 from videos import write_video
 
 
@@ -24,7 +25,7 @@ def moving_square(frames: int = 8, size: int = 64) -> np.ndarray:
 def test_a_video_reports_its_kept_tokens_and_draws_them(tmp_path, capsys):
   path = tmp_path / "square.mp4"
   write_video(path, frames=70)
-  tokens.main(["--video", str(path), "--thresholds", "0.1,100", "--save_png",
+  kept_tokens.main(["--video", str(path), "--thresholds", "0.1,100", "--save_png",
                str(tmp_path / "t.png"), "--save_gif", str(tmp_path / "t.gif")])
   out = capsys.readouterr().out
   clips = video.test_views(video.decode(str(path))[0], clips=1, crops=1)  # 70 // 64 clips
@@ -32,19 +33,19 @@ def test_a_video_reports_its_kept_tokens_and_draws_them(tmp_path, capsys):
   assert "1 clip(s) of 16 × 224×224 (1568 tokens each)" in out
   assert f"τ = 0.1: {kept.mean():.0f} of 1568 kept" in out
   assert "τ = 100: 196 of 1568 kept" in out  # only the first tubelet survives τ = 100
-  mask = tokens.keep_mask(clips[:1], 0.1)[0]
-  source = tokens.Source(np.arange(4, 68, 4), 25.0)  # the centre clip: frames 4, 8, … 64
-  assert source.frames.tolist() == tokens.video_clips(str(path))[1][0].tolist()
-  expected, _ = tokens.picture(clips[0], mask, 0.1, "clip 1 of 1 from square.mp4", source)
+  mask = kept_tokens.mask_at(clips[:1], 0.1)[0]
+  source = kept_tokens.Source(np.arange(4, 68, 4), 25.0)  # the centre clip: frames 4, 8, … 64
+  assert source.frames.tolist() == kept_tokens.video_clips(str(path))[1][0].tolist()
+  expected, _ = kept_tokens.picture(clips[0], mask, 0.1, "clip 1 of 1 from square.mp4", source)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "t.png")), expected)
   assert Image.open(tmp_path / "t.gif").n_frames == 16
 
 
 def test_png_has_labels_legend_and_original_frames(fixtures_dir):
   clip = np.load(fixtures_dir / "videomae2_tiny_expected.npz")["frames"][0]
-  mask = tokens.keep_mask(clip[None], 0.1)[0]
-  image, places = tokens.picture(clip, mask, 0.1, "clip 1 of 2 from the fixture")
-  overlay = tokens.overlay(clip, mask)
+  mask = kept_tokens.mask_at(clip[None], 0.1)[0]
+  image, places = kept_tokens.picture(clip, mask, 0.1, "clip 1 of 2 from the fixture")
+  overlay = kept_tokens.overlay(clip, mask)
   assert len(places) == 8 and image.shape[1] == 2 * 10 + 4 * 224 + 3 * 8  # 4 tubelets a row
   for j, ((frame_y, frame_x), (tokens_y, tokens_x)) in enumerate(places):
     assert tokens_y > frame_y and tokens_x == frame_x  # the frame above its tokens
@@ -56,7 +57,7 @@ def test_png_has_labels_legend_and_original_frames(fixtures_dir):
     assert (label < 100).all(-1).sum() > 100  # two lines of dark text above each column
   title, legend = image[:places[0][0][0] - 30], image[places[-1][1][0] + 224:]
   assert (title < 100).all(-1).sum() > 500
-  for colour in tokens.run_colours(8):  # grey for dropped, then a run of 1 … 8 tubelets
+  for colour in kept_tokens.run_colours(8):  # grey for dropped, then a run of 1 … 8 tubelets
     assert (legend == colour).all(-1).sum() >= 10 * 10  # a swatch
   assert (legend < 100).all(-1).sum() > 1000  # and text beside the swatches
 
@@ -64,30 +65,30 @@ def test_png_has_labels_legend_and_original_frames(fixtures_dir):
 def test_the_picture_counts_tokens_per_tubelet_and_in_all():
   """The numbers in the labels, rendered in the same font, appear where they belong."""
   clip = moving_square()
-  mask = tokens.keep_mask(clip[None], 0.1)[0]
+  mask = kept_tokens.mask_at(clip[None], 0.1)[0]
   assert mask.sum(axis=(1, 2)).tolist() == [16, 4, 6, 4]  # the square's patches change
-  heading = tokens._heading(clip, mask, 0.1, "demo", None)
+  heading = kept_tokens._heading(clip, mask, 0.1, "demo", None)
   assert heading[0] == "RLT at tau = 0.1: 30 of 64 tokens kept (46.9%)"
-  assert tokens._tubelet_label(mask, 2) == ["tubelet 2: frames 4-5", "6 of 16 kept (38%)"]
+  assert kept_tokens._tubelet_label(mask, 2) == ["tubelet 2: frames 4-5", "6 of 16 kept (38%)"]
 
 
 def test_small_clips_are_enlarged_so_their_labels_fit():
   clip = moving_square(frames=8, size=64)  # the demo's geometry
-  mask = tokens.keep_mask(clip[None], 0.1)[0]
-  image, places = tokens.picture(clip, mask, 0.1, "demo")
+  mask = kept_tokens.mask_at(clip[None], 0.1)[0]
+  image, places = kept_tokens.picture(clip, mask, 0.1, "demo")
   (frame_y, frame_x), (tokens_y, tokens_x) = places[1]
   big = clip[2].repeat(3, 0).repeat(3, 1)  # 64 → 192 px, nearest
   np.testing.assert_array_equal(image[frame_y:frame_y + 192, frame_x:frame_x + 192], big)
   np.testing.assert_array_equal(image[tokens_y:tokens_y + 192, tokens_x:tokens_x + 192],
-                                tokens.overlay(clip, mask)[2].repeat(3, 0).repeat(3, 1))
+                                kept_tokens.overlay(clip, mask)[2].repeat(3, 0).repeat(3, 1))
 
 
 def test_the_overlay_greys_dropped_patches_and_frames_kept_ones_by_run_length():
   clip = np.zeros((16, 224, 224, 3), np.uint8)
   clip[8:, :16, :16] = 255  # one patch changes at frame 8 (tubelet 4), then stays
-  mask = tokens.keep_mask(clip[None], 0.1)[0]
-  panels = tokens.overlay(clip, mask)
-  colours = tokens.run_colours(8)
+  mask = kept_tokens.mask_at(clip[None], 0.1)[0]
+  panels = kept_tokens.overlay(clip, mask)
+  colours = kept_tokens.run_colours(8)
   assert (panels[2][100:110, 100:110] == 96).all()  # dropped: 0.25·0 + 0.75·128
   assert (panels[0][100:110, 100:110] == 0).all()  # the first tubelet is kept, inside unchanged
   assert (panels[0][0, 100] == colours[8]).all()  # … framed as a run of the whole clip
@@ -98,11 +99,11 @@ def test_the_overlay_greys_dropped_patches_and_frames_kept_ones_by_run_length():
 def test_the_gif_shows_every_frame_beside_its_tokens(tmp_path):
   clip = moving_square()
   np.save(tmp_path / "clips.npy", clip[None])
-  tokens.main(["--frames", str(tmp_path / "clips.npy"), "--save_gif", str(tmp_path / "t.gif")])
+  kept_tokens.main(["--frames", str(tmp_path / "clips.npy"), "--save_gif", str(tmp_path / "t.gif")])
   gif = Image.open(tmp_path / "t.gif")
   assert gif.n_frames == 8
-  mask = tokens.keep_mask(clip[None], 0.1)[0]
-  frames = tokens.animation(clip, mask, 0.1, "clip 1 of 1 from clips.npy")
+  mask = kept_tokens.mask_at(clip[None], 0.1)[0]
+  frames = kept_tokens.animation(clip, mask, 0.1, "clip 1 of 1 from clips.npy")
   assert gif.size == frames[0].shape[1::-1]
   gif.seek(3)
   shown = np.asarray(gif.convert("RGB")).astype(int)
@@ -115,7 +116,7 @@ def test_clips_of_any_tubelet_and_patch_multiple_are_counted(tmp_path, capsys, s
                                                              tokens_each):
   clips = np.random.RandomState(0).randint(0, 255, (3, *shape, 3), np.uint8)
   np.save(tmp_path / "clips.npy", clips)
-  tokens.main(["--frames", str(tmp_path / "clips.npy"), "--thresholds", "0,1000",
+  kept_tokens.main(["--frames", str(tmp_path / "clips.npy"), "--thresholds", "0,1000",
                "--save_png", str(tmp_path / "t.png")])
   out = capsys.readouterr().out
   t, h, w = shape
@@ -127,29 +128,29 @@ def test_clips_of_any_tubelet_and_patch_multiple_are_counted(tmp_path, capsys, s
 def test_video_flags_set_the_clip_geometry(tmp_path, capsys):
   path = tmp_path / "square.mp4"
   write_video(path, frames=70)
-  tokens.main(["--video", str(path), "--num_frames", "8", "--image_size", "64", "--stride",
+  kept_tokens.main(["--video", str(path), "--num_frames", "8", "--image_size", "64", "--stride",
                "2"])
   assert "4 clip(s) of 8 × 64×64 (64 tokens each)" in capsys.readouterr().out  # 70 // 16
   np.testing.assert_array_equal(
-      tokens.video_clips(str(path), num_frames=8, image_size=64, stride=2)[0],
+      kept_tokens.video_clips(str(path), num_frames=8, image_size=64, stride=2)[0],
       video.test_views(video.decode(str(path))[0], clips=4, crops=1, clip_len=8, stride=2,
                        size=64))
 
 
 def test_data_flags_set_the_clip_geometry(tmp_path, capsys):
   synthetic.generate(str(tmp_path), train_videos=1, val_videos=3, size=64, num_frames=24)
-  tokens.main(["--data", str(tmp_path / "val.tfrecord-*"), "--num_frames", "8",
+  kept_tokens.main(["--data", str(tmp_path / "val.tfrecord-*"), "--num_frames", "8",
                "--image_size", "64", "--stride", "2", "--max_clips", "2"])
   assert "2 clip(s) of 8 × 64×64 (64 tokens each)" in capsys.readouterr().out
 
 
 def test_an_npz_gives_its_frames_else_its_first_uint8_array_of_5_dims(tmp_path, fixtures_dir):
   fixture = fixtures_dir / "videomae2_tiny_expected.npz"  # the README's example
-  np.testing.assert_array_equal(tokens.load_clips(str(fixture)), np.load(fixture)["frames"])
+  np.testing.assert_array_equal(kept_tokens.load_clips(str(fixture)), np.load(fixture)["frames"])
   clips = np.zeros((2, 4, 32, 32, 3), np.uint8)
   np.savez(tmp_path / "clips.npz", logits=np.zeros((2, 5), np.float32),
            masks=np.zeros((2, 4, 2, 2, 1), bool), clips=clips)
-  assert tokens.load_clips(str(tmp_path / "clips.npz")).shape == clips.shape
+  assert kept_tokens.load_clips(str(tmp_path / "clips.npz")).shape == clips.shape
 
 
 def bad_inputs(tmp_path):
@@ -188,16 +189,16 @@ def bad_inputs(tmp_path):
 
 
 def test_bad_inputs_are_refused_in_one_line_before_any_work(tmp_path, monkeypatch):
-  monkeypatch.setattr(tokens, "kept_counts", lambda *a: pytest.fail("work began"))
+  monkeypatch.setattr(kept_tokens, "counts_at", lambda *a: pytest.fail("work began"))
   for argv, message in bad_inputs(tmp_path):
     with pytest.raises(SystemExit) as exit_:
-      tokens.main(argv)
+      kept_tokens.main(argv)
     assert exit_.value.code.startswith("error: ") and message in exit_.value.code, argv
     assert "\n" not in exit_.value.code
 
 
 def test_a_refusal_exits_non_zero_without_a_traceback(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "rlt_jax.tokens", "--frames",
+  result = subprocess.run([sys.executable, "-m", "rlt_jax.kept_tokens", "--frames",
                            str(tmp_path / "missing.npy")], capture_output=True, text=True)
   assert result.returncode != 0
   assert result.stderr == f"error: {tmp_path / 'missing.npy'}: no such file\n"
@@ -210,7 +211,7 @@ def test_pictures_are_written_atomically_not_through_planted_links(tmp_path):
   victim.write_text("keep me")
   for name in ("t.png.tmp.png", "t.gif.tmp.gif", ".t.png.tmp", ".t.gif.tmp"):
     os.symlink(victim, tmp_path / name)  # the names a predictable writer would use
-  tokens.main(["--frames", str(clips), "--save_png", str(tmp_path / "t.png"), "--save_gif",
+  kept_tokens.main(["--frames", str(clips), "--save_png", str(tmp_path / "t.png"), "--save_gif",
                str(tmp_path / "t.gif")])
   assert victim.read_text() == "keep me"
   assert Image.open(tmp_path / "t.png").format == "PNG"
@@ -225,22 +226,22 @@ def test_a_video_shorter_than_its_clip_marks_the_padding_and_leaves_it_out(tmp_p
   path = tmp_path / "short.mp4"
   write_video(path, frames=36)
   png = tmp_path / "short.png"
-  tokens.main(["--video", str(path), "--save_png", str(png)])
+  kept_tokens.main(["--video", str(path), "--save_png", str(png)])
   out = capsys.readouterr().out
-  clips, sources = tokens.video_clips(str(path))
-  padded = tokens.padded_tubelets(sources, 8)
+  clips, sources = kept_tokens.video_clips(str(path))
+  padded = kept_tokens.padded_tubelets(sources, 8)
   assert padded[0].tolist() == [False] * 5 + [True] * 3  # frames 36 … 60 do not exist
   assert "3 tubelet(s) past its end repeat the last frame" in out
   real = 5 * 196
-  kept = int(tokens.keep_mask(clips, 0.1)[0, :5].sum())
+  kept = int(kept_tokens.mask_at(clips, 0.1)[0, :5].sum())
   assert f"{kept} of {real} kept on average ({kept / real:.1%})" in out
-  mask = tokens.keep_mask(clips, 0.1)[0]
-  source = tokens.Source(sources[0], 25.0)
-  assert tokens._tubelet_label(mask, 5, source) == [
+  mask = kept_tokens.mask_at(clips, 0.1)[0]
+  source = kept_tokens.Source(sources[0], 25.0)
+  assert kept_tokens._tubelet_label(mask, 5, source) == [
       "tubelet 5: padding", "(past the video's end)", "not counted"]
-  assert tokens._tubelet_label(mask, 1, source)[:2] == ["tubelet 1: video frames 8-12",
+  assert kept_tokens._tubelet_label(mask, 1, source)[:2] == ["tubelet 1: video frames 8-12",
                                                         "at 0.32-0.48 s"]
-  heading = tokens._heading(clips[0], mask, 0.1, "demo", source)
+  heading = kept_tokens._heading(clips[0], mask, 0.1, "demo", source)
   assert heading[0] == f"RLT at tau = 0.1: {kept} of {real} tokens kept ({kept / real:.1%})"
   assert "last 3 tubelet(s) repeat the last frame" in heading[2]
   assert png.is_file()

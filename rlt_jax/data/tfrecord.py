@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from rlt_jax import files
+from rlt_jax.runtime import files
 
 INDEX_DIR = ".rlt_index"
 INDEX_SUFFIX = ".index.npy"  # the index's old place, beside the shard: ignored, never a shard

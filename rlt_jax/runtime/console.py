@@ -7,8 +7,10 @@ passed to `say`, printed by process 0 only so that a pod slice prints each line 
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
+import math
 import os
 import shlex
 import sys
@@ -16,12 +18,12 @@ from typing import Any, Mapping
 
 import tqdm
 
-from rlt_jax import files
+from rlt_jax.runtime import files
 
 _FILE_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 _CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
 # say() lines: printed by say itself, so they reach the log file but never the console handler.
-_SAY = logging.getLogger("rlt_jax.console")
+_SAY = logging.getLogger("rlt_jax.runtime.console")
 _SAY.propagate = False
 _SAY.setLevel(logging.INFO)
 _installed: list[logging.Handler] = []
@@ -210,3 +212,31 @@ def summary(metrics: Mapping[str, Any], *, wall_time_s: float,
     command = f"python -m rlt_jax.predict --checkpoint {shlex.quote(model_dir)} --video FILE.mp4"
     lines.append(f"Predict:  {command}" + (f" --labels {shlex.quote(labels)}" if labels else ""))
   return "\n".join(lines)
+
+
+class MetricsLog:
+  """Metrics of a run: TensorBoard event files and metrics.jsonl in the workdir (process 0;
+  other processes write nothing)."""
+
+  def __init__(self, workdir: str):
+    self.main = _is_main()
+    self.writer = None
+    if self.main:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.jsonl = files.open_append(os.path.join(workdir, "metrics.jsonl"))
+
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    if not self.main:
+      return
+    for key, value in values.items():
+      if isinstance(value, (int, float)) and math.isfinite(value):
+        self.writer.add_scalar(key, value, step)
+    self.writer.flush()
+    self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self.jsonl.flush()
+
+  def close(self) -> None:
+    if self.main:
+      self.writer.close()
+      self.jsonl.close()

@@ -1,0 +1,1 @@
+"""Weights in and out: the torch-free .pth reader, saved models, train checkpoints."""

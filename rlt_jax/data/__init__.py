@@ -1,0 +1,1 @@
+"""Video → clips: decoding, TFRecord shards, the DMVR layout, the input pipeline."""

@@ -1,0 +1,436 @@
+"""How many tokens RLT keeps, and pictures of which.
+
+    python -m rlt_jax.kept_tokens --video FILE.mp4 [--num_frames 16] [--image_size 224] [--stride 4]
+        [--thresholds 0.05,0.1,0.2] [--save_png out.png] [--save_gif out.gif]
+    python -m rlt_jax.kept_tokens --data '/data/k400/val.tfrecord-*' [--max_clips 1000]
+    python -m rlt_jax.kept_tokens --frames clips.npy      # uint8 (N, T, H, W, 3)
+
+A video gives one clip per num_frames × stride frames (at least one), placed as the release's
+test clips (short side image_size, centre crop); a dataset gives one centre view per video;
+--frames takes clips of any T × H × W that are multiples of the tubelet (2) and patch (16).
+For each τ: tokens kept per clip (a row each for a video), and over all clips the mean, p10,
+p50, p90 and a histogram of the kept fraction.
+
+The pictures show the first clip at the first τ. The PNG has a column per tubelet: its first
+frame as decoded above its tokens; the GIF shows every frame beside its tokens. Dropped tokens
+are greyed out, kept ones framed in the colour of their run length (blue: 1 tubelet … red: the
+whole clip); a title gives τ and the tokens kept, a legend the colours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import dataclasses
+import math
+import os
+import sys
+import zipfile
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from rlt_jax import rlt
+from rlt_jax.data import input_pipeline, video
+from rlt_jax.runtime import files
+
+TUBELET, PATCH = 2, 16
+NUM_FRAMES, IMAGE_SIZE, STRIDE = 16, 224, 4  # the release's clips, for --video and --data
+MARGIN, GAP, SWATCH = 10, 8, 12  # picture layout, pixels
+MIN_PANEL_WIDTH = 176  # narrower frames are enlarged (nearest) so that their labels fit
+DROPPED_GREY = 128  # dropped pixels become 0.25 · pixel + 0.75 · this
+
+
+def video_clips(path: str, *, num_frames: int = NUM_FRAMES, image_size: int = IMAGE_SIZE,
+                stride: int = STRIDE) -> tuple[np.ndarray, np.ndarray]:
+  """(clips, sources): the clips and, per clip position, its source frame (-1: past the
+  video's end, where the clip repeats the last frame)."""
+  per_video = lambda n: max(1, n // (num_frames * stride))
+  clips = video.read_test_views(path, clips=per_video, crops=1, clip_len=num_frames,
+                                stride=stride, size=image_size)
+  n = video.count_frames(path)
+  return clips, video.test_clip_sources(n, clips=per_video(n), clip_len=num_frames,
+                                        stride=stride)
+
+
+def padded_tubelets(sources: np.ndarray | None, tubelets: int) -> np.ndarray:
+  """bool (clips, T'): tubelets whose every frame lies past the video's end (padding)."""
+  if sources is None:
+    return np.zeros((1, tubelets), bool)
+  return (sources.reshape(len(sources), tubelets, TUBELET) < 0).all(-1)
+
+
+def data_clips(patterns: str, max_clips: int, *, num_frames: int = NUM_FRAMES,
+               image_size: int = IMAGE_SIZE, stride: int = STRIDE) -> np.ndarray:
+  sampling = input_pipeline.Sampling(num_frames=num_frames, stride=stride, image_size=image_size)
+  clips = []
+  for batch in input_pipeline.make_dataset(patterns, mode="eval", sampling=sampling,
+                                           batch_size=1):
+    if batch["valid"][0]:
+      clips.append(batch["frames"][0])
+    if len(clips) >= max_clips:
+      break
+  return np.stack(clips)
+
+
+def load_clips(path: str) -> np.ndarray:
+  """The clips in a .npy, or in a .npz its array 'frames', else its first uint8 array of 5 dims
+  (so the test fixture, which also holds logits and masks, works as it is)."""
+  try:
+    data = np.load(path, mmap_mode="r", allow_pickle=False)  # mmap: clips are read in chunks
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      return data
+    with data:
+      if "frames" in data.files:
+        return data["frames"]
+      held = []
+      for name in data.files:
+        array = data[name]
+        if array.dtype == np.uint8 and array.ndim == 5:
+          return array
+        held.append(f"{name} {array.dtype} {array.shape}")
+  except (ValueError, EOFError, zipfile.BadZipFile) as e:  # numpy's first sentence says why
+    raise ValueError(f"{path}: not a .npy or .npz of plain arrays ({str(e).split('. ')[0]})"
+                     ) from None
+  raise ValueError(f"{path}: no array 'frames' and no uint8 array with 5 dims; it holds "
+                   f"{', '.join(held) or 'nothing'}")
+
+
+def check_clips(clips: np.ndarray, source: str) -> None:
+  """Refuses what the mask cannot take, saying what was expected."""
+  shape = clips.shape
+  if (clips.dtype != np.uint8 or clips.ndim != 5 or shape[4] != 3 or 0 in shape[1:4]
+      or shape[1] % TUBELET or shape[2] % PATCH or shape[3] % PATCH):
+    raise ValueError(f"{source}: expected uint8 clips (N, T, H, W, 3) with T a multiple of "
+                     f"{TUBELET} and H, W multiples of {PATCH}; got {clips.dtype} {shape}")
+  if not len(clips):
+    raise ValueError(f"{source}: holds no clips (shape {shape})")
+
+
+def parse_thresholds(text: str) -> list[float]:
+  try:
+    thresholds = [float(t) for t in text.split(",")]
+  except ValueError:
+    thresholds = []
+  if not thresholds or not all(math.isfinite(t) and t >= 0 for t in thresholds):
+    raise ValueError(f"--thresholds {text!r}: expected comma-separated finite numbers ≥ 0")
+  return thresholds
+
+
+def mask_at(clips: np.ndarray, threshold: float) -> np.ndarray:
+  """RLT's keep mask (N, T', h, w) of uint8 clips at τ = `threshold`."""
+  return rlt.keep_mask(rlt.normalize(np.asarray(clips)), threshold=threshold,
+                       tubelet_size=TUBELET, patch_size=PATCH)
+
+
+def counts_at(clips: np.ndarray, threshold: float, chunk: int = 4,
+                padded: np.ndarray | None = None) -> np.ndarray:
+  """Tokens kept per clip, `chunk` clips at a time (the mask takes ~10× a clip's uint8
+  bytes); tubelets marked in `padded` (clips, T') are left out."""
+  counts = []
+  for i in range(0, len(clips), chunk):
+    mask = mask_at(clips[i:i + chunk], threshold)
+    if padded is not None:
+      mask = mask & ~padded[i:i + chunk, :, None, None]
+    counts.append(mask.sum((1, 2, 3)))
+  return np.concatenate(counts)
+
+
+def histogram(fractions: np.ndarray, bins: int = 10, width: int = 40) -> list[str]:
+  counts, edges = np.histogram(fractions, bins=bins, range=(0, 1))
+  top = max(int(counts.max()), 1)
+  return [f"  {edges[i]:4.0%}–{edges[i + 1]:4.0%} {'#' * round(width * c / top):{width}s} {c}"
+          for i, c in enumerate(counts)]
+
+
+# ------------------------------------------------------------------------------------------
+# Pictures. PIL's default font has no τ, en dash or ×, so their text is ASCII.
+
+
+def run_colours(tubelets: int) -> np.ndarray:
+  """uint8 (tubelets + 1, 3): row k is the frame colour of a run of k tubelets (blue for 1 …
+  red for the whole clip); row 0, for dropped tokens, is grey."""
+  hues = 0.66 * (1 - np.arange(tubelets) / max(tubelets - 1, 1))
+  runs = [np.round(255 * np.asarray(colorsys.hsv_to_rgb(h, 1.0, 1.0))) for h in hues]
+  return np.asarray([(DROPPED_GREY,) * 3, *runs], np.uint8)
+
+
+def overlay(clip: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """(T, H, W, 3) uint8: every frame with its tubelet's dropped tokens greyed out and its kept
+  tokens framed (2 px) in their run length's colour; `mask` is the clip's (T', h, w)."""
+  def pixels(tokens: np.ndarray) -> np.ndarray:
+    return tokens.repeat(TUBELET, 0).repeat(PATCH, 1).repeat(PATCH, 2)
+
+  kept, lengths = pixels(mask), pixels(rlt.run_lengths(mask))
+  border = np.ones((PATCH, PATCH), bool)
+  border[2:-2, 2:-2] = False
+  framed = kept & np.tile(border, mask.shape[1:])
+  out = np.where(kept[..., None], clip, (0.25 * clip + 0.75 * DROPPED_GREY).astype(np.uint8))
+  out[framed] = run_colours(mask.shape[0])[lengths[framed]]
+  return out
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+  return ImageFont.load_default(size=size)
+
+
+def _line_height(font: ImageFont.FreeTypeFont) -> int:
+  ascent, descent = font.getmetrics()
+  return ascent + descent + 2
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+  lines = [""]
+  for word in text.split():
+    joined = f"{lines[-1]} {word}".lstrip()
+    if lines[-1] and font.getlength(joined) > width:
+      lines.append(word)
+    else:
+      lines[-1] = joined
+  return lines
+
+
+def _flow(texts: list[str], font: ImageFont.FreeTypeFont, width: int) -> list[tuple[int, int]]:
+  """(top, left) of each legend entry (a swatch and its text), wrapped to `width`."""
+  places, top, left = [], 0, 0
+  for text in texts:
+    entry = SWATCH + 5 + math.ceil(font.getlength(text))
+    if left and left + entry > width:
+      top, left = top + _line_height(font), 0
+    places.append((top, left))
+    left += entry + 3 * GAP
+  return places
+
+
+def _sheet(heading: list[str], cells: list[list[tuple[list[str], list[np.ndarray]]]],
+           tubelets: int) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
+  """A white picture: `heading` (its first line the title), rows of cells, each label lines
+  above panels stacked vertically (all panels of one size), and the run-length legend.
+
+  Returns the picture and, cell by cell in reading order, the (top, left) of each panel.
+  """
+  title_font, font = _font(18), _font(13)
+  line = _line_height(font)
+  panel_h, panel_w = cells[0][0][1][0].shape[:2]
+  inner = max(len(row) for row in cells) * (panel_w + GAP) - GAP
+  title = _wrap(heading[0], title_font, inner)
+  notes = [wrapped for text in heading[1:] for wrapped in _wrap(text, font, inner)]
+  colours = run_colours(tubelets)
+  legend = ["dropped (greyed out)"] + [f"kept, run of {k} tubelet{'s' * (k > 1)}"
+                                       for k in range(1, tubelets + 1)]
+  places = _flow(legend, font, inner)
+  labels = max(len(label) for row in cells for label, _ in row)
+  stack = max(len(panels) for row in cells for _, panels in row)
+  cell_h = labels * line + stack * (panel_h + GAP // 2) - GAP // 2
+  top = MARGIN + len(title) * _line_height(title_font) + len(notes) * line + GAP
+  legend_top = top + len(cells) * (cell_h + GAP)
+  sheet = np.full((legend_top + places[-1][0] + line + MARGIN, inner + 2 * MARGIN, 3), 255,
+                  np.uint8)
+  texts, positions = [], []
+  for row in cells:
+    for column, (label, panels) in enumerate(row):
+      left = MARGIN + column * (panel_w + GAP)
+      texts += [(left, top + k * line, text) for k, text in enumerate(label)]
+      positions.append([(top + labels * line + k * (panel_h + GAP // 2), left)
+                        for k in range(len(panels))])
+      for (y, x), panel in zip(positions[-1], panels):
+        sheet[y:y + panel_h, x:x + panel_w] = panel
+    top += cell_h + GAP
+  image = Image.fromarray(sheet)
+  draw = ImageDraw.Draw(image)
+  for k, text in enumerate(title):
+    draw.text((MARGIN, MARGIN + k * _line_height(title_font)), text, fill=0, font=title_font)
+  notes_top = MARGIN + len(title) * _line_height(title_font)
+  for k, text in enumerate(notes):
+    draw.text((MARGIN, notes_top + k * line), text, fill=(60, 60, 60), font=font)
+  for left, y, text in texts:
+    draw.text((left, y), text, fill=0, font=font)
+  for (y, x), text, colour in zip(places, legend, colours):
+    y, x = legend_top + y, MARGIN + x
+    swatch_top = y + (line - SWATCH) // 2
+    draw.rectangle((x, swatch_top, x + SWATCH - 1, swatch_top + SWATCH - 1),
+                   fill=tuple(int(c) for c in colour))
+    draw.text((x + SWATCH + 5, y), text, fill=0, font=font)
+  return np.asarray(image), positions
+
+
+def _enlarge(frames: np.ndarray) -> np.ndarray:
+  """Frames (..., H, W, 3) enlarged by a whole factor (nearest) to MIN_PANEL_WIDTH or more."""
+  factor = -(-MIN_PANEL_WIDTH // frames.shape[-2])
+  return frames.repeat(factor, -3).repeat(factor, -2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a clip's frames come from: each position's source frame (-1: padding past the
+  video's end) and the video's frame rate. Without one, positions are labelled in the clip."""
+  frames: np.ndarray
+  rate: float
+
+
+def _heading(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str,
+             source: Source | None) -> list[str]:
+  padded = padded_tubelets(None if source is None else source.frames[None], len(mask))[0]
+  kept, total = int(mask[~padded].sum()), int(mask[~padded].size)
+  t, h, w = clip.shape[:3]
+  lines = [f"RLT at tau = {threshold:g}: {kept} of {total} tokens kept ({kept / max(total, 1):.1%})",
+           f"{caption}: {t} frames of {w}x{h}, {mask.shape[0]} tubelets of {TUBELET} frames, "
+           f"{mask.shape[2]}x{mask.shape[1]} patches of {PATCH}x{PATCH} pixels."]
+  if padded.any():
+    lines.append(f"The video ends before the clip: its last {int(padded.sum())} tubelet(s) "
+                 "repeat the last frame (padding, marked and left out of the count).")
+  return lines
+
+
+def _frames_text(source: Source | None, first: int, last: int) -> list[str]:
+  """Clip positions first..last: as the video's own frames and times when the source is
+  known (one line each, to fit a panel), else as clip positions."""
+  if source is None:
+    return [f"frames {first}-{last}"]
+  real = [int(f) for f in source.frames[first:last + 1] if f >= 0]
+  if not real:
+    return ["padding", "(past the video's end)"]
+  if real[0] == real[-1]:
+    return [f"video frame {real[0]}", f"at {real[0] / source.rate:.2f} s"]
+  return [f"video frames {real[0]}-{real[-1]}",
+          f"at {real[0] / source.rate:.2f}-{real[-1] / source.rate:.2f} s"]
+
+
+def _tubelet_label(mask: np.ndarray, j: int, source: Source | None = None) -> list[str]:
+  kept, total = int(mask[j].sum()), mask[j].size
+  first, *rest = _frames_text(source, j * TUBELET, (j + 1) * TUBELET - 1)
+  if first == "padding":
+    return [f"tubelet {j}: padding", *rest, "not counted"]
+  return [f"tubelet {j}: {first}", *rest, f"{kept} of {total} kept ({kept / total:.0%})"]
+
+
+def picture(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str,
+            source: Source | None = None) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
+  """The PNG: per tubelet (4 a row) its first frame as decoded above its tokens.
+
+  Returns it and, per tubelet, the (top, left) of the frame and of the tokens.
+  """
+  frames, tokens = _enlarge(clip[::TUBELET]), _enlarge(overlay(clip, mask)[::TUBELET])
+  cells = [(_tubelet_label(mask, j, source), [frames[j], tokens[j]]) for j in range(len(mask))]
+  heading = _heading(clip, mask, threshold, caption, source) + [
+      "Top: the first frame of each tubelet as decoded. Below: its tokens."]
+  return _sheet(heading, [cells[i:i + 4] for i in range(0, len(cells), 4)], len(mask))
+
+
+def animation(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str,
+              source: Source | None = None) -> list[np.ndarray]:
+  """The GIF's frames: each frame as decoded beside its tokens."""
+  frames, tokens = _enlarge(clip), _enlarge(overlay(clip, mask))
+  heading = _heading(clip, mask, threshold, caption, source)
+  return [_sheet(heading, [[([f"clip frame {t} of 0-{len(clip) - 1}",
+                              *_frames_text(source, t, t)], [frames[t]]),
+                             (_tubelet_label(mask, t // TUBELET, source), [tokens[t]])]],
+                 len(mask))[0]
+          for t in range(len(clip))]
+
+
+# ------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _check_output(path: str | None, flag: str) -> None:
+  if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    raise ValueError(f"{flag} {path}: its directory does not exist")
+  if path and os.path.isdir(path):
+    raise ValueError(f"{flag} {path}: is a directory")
+
+
+def _geometry(args: argparse.Namespace) -> dict[str, int]:
+  """--num_frames, --image_size and --stride, checked, defaults filled in."""
+  given = {"num_frames": args.num_frames, "image_size": args.image_size, "stride": args.stride}
+  if args.frames and any(v is not None for v in given.values()):
+    raise ValueError("--num_frames, --image_size and --stride are for --video and --data; "
+                     "--frames clips have their own shape")
+  sizes = {k: d if given[k] is None else given[k]
+           for k, d in zip(given, (NUM_FRAMES, IMAGE_SIZE, STRIDE))}
+  for flag, multiple in (("num_frames", TUBELET), ("image_size", PATCH), ("stride", 1)):
+    if sizes[flag] < 1 or sizes[flag] % multiple:
+      raise ValueError(f"--{flag} {sizes[flag]}: expected a positive multiple of {multiple}")
+  return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m rlt_jax.kept_tokens", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--video", help="a video file (mp4, webm, avi …)")
+  source.add_argument("--data", help="TFRecord shards (glob)")
+  source.add_argument("--frames", help="uint8 clips (N, T, H, W, 3): a .npy, or a .npz whose "
+                      "array 'frames' (else its first uint8 array with 5 dims) is used")
+  parser.add_argument("--num_frames", type=int, help=f"--video/--data: frames per clip "
+                      f"(default {NUM_FRAMES})")
+  parser.add_argument("--image_size", type=int, help=f"--video/--data: clip height and width "
+                      f"(default {IMAGE_SIZE})")
+  parser.add_argument("--stride", type=int, help=f"--video/--data: take every stride-th frame "
+                      f"(default {STRIDE})")
+  parser.add_argument("--thresholds", default="0.1", help="comma-separated τ values")
+  parser.add_argument("--max_clips", type=int, default=1000, help="use at most this many clips")
+  parser.add_argument("--save_png", help="picture of the first clip's tokens at the first τ")
+  parser.add_argument("--save_gif", help="the same, animated frame by frame")
+  args = parser.parse_args(argv)
+  name = args.video or args.data or args.frames
+  try:
+    thresholds = parse_thresholds(args.thresholds)
+    sizes = _geometry(args)
+    if args.max_clips < 1:
+      raise ValueError(f"--max_clips {args.max_clips}: expected a positive integer")
+    _check_output(args.save_png, "--save_png")
+    _check_output(args.save_gif, "--save_gif")
+    if (args.video or args.frames) and not os.path.isfile(name):
+      raise ValueError(f"{name}: no such file")
+    sources, rate = None, None
+    if args.frames:
+      clips = load_clips(args.frames)
+    elif args.video:
+      clips, sources = video_clips(args.video, **sizes)
+      rate = video.frame_rate(args.video)
+    else:
+      clips = data_clips(args.data, args.max_clips, **sizes)
+    check_clips(clips, name)
+  except (ValueError, OSError, video.VideoError) as e:
+    sys.exit(f"error: {e}")
+  clips = clips[:args.max_clips]
+  t, h, w = clips.shape[1:4]
+  grid = rlt.token_grid(clips.shape, TUBELET, PATCH)
+  per_tubelet, total = grid[1] * grid[2], math.prod(grid)
+  padded = None if sources is None else padded_tubelets(sources[:len(clips)], grid[0])
+  totals = np.full(len(clips), total) if padded is None else (~padded).sum(1) * per_tubelet
+  print(f"{len(clips)} clip(s) of {t} × {h}×{w} ({total} tokens each) from {name}")
+  if padded is not None and padded.any():
+    print(f"  the video is shorter than its clip: {int(padded.sum())} tubelet(s) past its end "
+          "repeat the last frame; they are padding and left out of every count below")
+  for threshold in thresholds:
+    kept = counts_at(clips, threshold, padded=padded)
+    p10, p50, p90 = np.percentile(kept, [10, 50, 90])
+    print(f"τ = {threshold:g}: {kept.mean():.0f} of {totals.mean():.0f} kept on average "
+          f"({kept.sum() / totals.sum():.1%}); p10 {p10:.0f}, p50 {p50:.0f}, p90 {p90:.0f}")
+    if args.video:
+      print("  per clip: " + " ".join(str(int(k)) for k in kept))
+    print("\n".join(histogram(kept / totals)))
+  if args.save_png or args.save_gif:
+    clip = np.asarray(clips[0])
+    mask = mask_at(clip[None], thresholds[0])[0]
+    caption = f"clip 1 of {len(clips)} from {os.path.basename(name)}"
+    source = None if sources is None else Source(sources[0], rate)
+  if args.save_png:
+    with files.atomic_write(args.save_png, "wb") as f:
+      Image.fromarray(picture(clip, mask, thresholds[0], caption, source)[0]).save(
+          f, format="PNG")
+    print(f"wrote {args.save_png}")
+  if args.save_gif:
+    # Octree keeps the colours of small areas (frames, swatches); median cut merges them.
+    images = [Image.fromarray(a).quantize(256, method=Image.Quantize.FASTOCTREE)
+              for a in animation(clip, mask, thresholds[0], caption, source)]
+    with files.atomic_write(args.save_gif, "wb") as f:
+      images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=150,
+                     loop=0)
+    print(f"wrote {args.save_gif}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""The steps and the loops: config → objects, train and evaluation steps, the runs."""
