@@ -3,7 +3,8 @@
     python -m rlt_jax.main --workdir=/ckpt/k400_b_rlt \
         --config='configs/finetune.py:variant=B/16,dataset=k400,rlt=True' \
         --config.init_from=models/videomae2_b_k710 \
-        --config.data.train='/data/k400/train.tfrecord-*' --config.data.val='/data/k400/val.tfrecord-*'
+        --config.data.train='/data/k400/train.tfrecord-*' \
+        --config.data.val='/data/k400/val.tfrecord-*'
 
 Arguments (comma-separated, all optional): variant = S/16 | B/16 | L/16 | H/16 | g/14
 (default B/16); dataset = k400 | ssv2; rlt = True | False; length_embedding (RLT's run-length

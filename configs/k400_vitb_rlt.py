@@ -2,7 +2,8 @@
 
     python -m rlt_jax.main --config=configs/k400_vitb_rlt.py --workdir=/ckpt/k400_vitb_rlt \
         --config.init_from=models/videomae2_b_k710 \
-        --config.data.train='/data/k400/train.tfrecord-*' --config.data.val='/data/k400/val.tfrecord-*'
+        --config.data.train='/data/k400/train.tfrecord-*' \
+        --config.data.val='/data/k400/val.tfrecord-*'
 
 Expected (the paper): the same top-1 as without RLT (80.9%) with ~30% less fine-tuning
 wall-clock; not reproduced here. Every kept token is trained on; batches are sorted by kept

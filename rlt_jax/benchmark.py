@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
 import sys
@@ -46,6 +45,7 @@ import tempfile
 import time
 from typing import Any
 
+import av
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,33 +68,14 @@ def _cpu_seconds() -> float:
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def write_test_video(path: str, *, frames: int, height: int = 360, width: int = 480,
-                     rate: int = 25, seed: int = 0) -> None:
-  """H.264 mp4: a textured background with a square moving across it."""
-  import av
-  rng = np.random.default_rng(seed)
-  background = video.resize(rng.integers(0, 256, (height // 8, width // 8, 3), np.uint8),
-                            (height, width))
-  with av.open(path, "w") as container:
-    stream = container.add_stream("libx264", rate=rate)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    for i in range(frames):
-      image = background.copy()
-      x = 4 * i % (width - 48)
-      image[height // 3:height // 3 + 48, x:x + 48] = (255, 40, 40)
-      for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
-
-
 def data(num_videos: int = 8, seconds: float = 10.0, batches: int = 20) -> dict:
   """Converter videos/s and pipeline clips/s, each per CPU core."""
   with tempfile.TemporaryDirectory() as tmp:
     videos = []
     for i in range(num_videos):
       videos.append(os.path.join(tmp, f"v{i}.mp4"))
-      write_test_video(videos[-1], frames=int(25 * seconds), seed=i)
+      video.write_moving_square(videos[-1], frames=int(25 * seconds), height=360, width=480,
+                                texture=8, seed=i)
     entries = [build_tfrecords.Entry(p, i % 2, str(i % 2), f"v{i}") for i, p in enumerate(videos)]
     cpu, wall = _cpu_seconds(), time.perf_counter()
     build_tfrecords.build(entries, ["0", "1"], output_dir=os.path.join(tmp, "out"),
@@ -606,11 +587,6 @@ def _prefixes(only: str) -> tuple[str, ...]:
   return tuple(p.strip() for p in only.split(",") if p.strip())
 
 
-def _write_json(path: str, value: dict) -> None:
-  with files.atomic_write(path) as f:
-    json.dump(value, f, indent=1)
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m rlt_jax.benchmark", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -750,7 +726,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in result.items():
       print(f"{key:32s} {value:.2f}" if isinstance(value, float) else f"{key:32s} {value}")
   if args.output:
-    _write_json(args.output, result)
+    files.write_json(args.output, result)
 
 
 if __name__ == "__main__":

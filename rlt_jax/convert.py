@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 from rlt_jax.checkpoints import checkpoint, torch_checkpoint
-from rlt_jax.runtime import files
 from rlt_jax.models import vit
+from rlt_jax.runtime import files
 
 STANDARD_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 WRAPPER_KEYS = ("module", "model", "state_dict")
@@ -262,12 +262,14 @@ def convert(path: str, *, variant: str | None = None, num_classes: int | None = 
   classes = arch["num_classes"]
   if head_map is not None:
     rows = read_head_map(head_map, classes)
-    params["head"] = {"kernel": params["head"]["kernel"][:, rows], "bias": params["head"]["bias"][rows]}
+    head = params["head"]
+    params["head"] = {"kernel": head["kernel"][:, rows], "bias": head["bias"][rows]}
     notes.append(f"head rows selected by {head_map}: {classes} → {len(rows)} classes")
     classes = len(rows)
   if num_classes is not None and num_classes != classes:
     key = jax.random.PRNGKey(seed)
-    kernel = vit.trunc_normal(key, (arch["width"], num_classes)) * vit.VisionTransformer.head_init_scale
+    kernel = (vit.trunc_normal(key, (arch["width"], num_classes))
+              * vit.VisionTransformer.head_init_scale)
     params["head"] = {"kernel": np.asarray(kernel), "bias": np.zeros(num_classes, np.float32)}
     notes.append(f"head re-initialised for fine-tuning: {classes} → {num_classes} classes")
     classes = num_classes

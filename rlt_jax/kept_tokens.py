@@ -273,7 +273,8 @@ def _heading(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str,
   padded = padded_tubelets(None if source is None else source.frames[None], len(mask))[0]
   kept, total = int(mask[~padded].sum()), int(mask[~padded].size)
   t, h, w = clip.shape[:3]
-  lines = [f"RLT at tau = {threshold:g}: {kept} of {total} tokens kept ({kept / max(total, 1):.1%})",
+  share = kept / max(total, 1)
+  lines = [f"RLT at tau = {threshold:g}: {kept} of {total} tokens kept ({share:.1%})",
            f"{caption}: {t} frames of {w}x{h}, {mask.shape[0]} tubelets of {TUBELET} frames, "
            f"{mask.shape[2]}x{mask.shape[1]} patches of {PATCH}x{PATCH} pixels."]
   if padded.any():

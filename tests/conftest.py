@@ -23,7 +23,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 FIXTURE_SHA256 = {
     "videomae2_tiny.pth": "74cc7e54972ad71a1805ccc0fa9115b459c1971eaf1dc6dbc36469d06529c79f",
-    "videomae2_tiny_expected.npz": "b647a4b123145fb2bc34ba213da3989a0c282bd0fdc944970c287d0df34dcbb7",
+    "videomae2_tiny_expected.npz":
+        "b647a4b123145fb2bc34ba213da3989a0c282bd0fdc944970c287d0df34dcbb7",
 }
 
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlt_jax.runtime import sharding
 from rlt_jax.models import attention
 from rlt_jax.models.attention import dot_product_attention
+from rlt_jax.runtime import sharding
 
 # Splash runs in Pallas interpret mode off TPU: slow, so rows stay tiny.
 LENGTHS = (50, 128, 0, 1, 127, 77, 128, 3)  # a full row, an empty one, a single token …

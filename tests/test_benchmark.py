@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from rlt_jax import benchmark, rlt
-from rlt_jax.training import two_phase
+from rlt_jax.data import video
 from rlt_jax.models import vit
+from rlt_jax.training import two_phase
 
 
 def test_the_tiny_model_benchmark_runs_every_layout_and_the_real_train_step(capsys, tmp_path):
@@ -113,8 +114,7 @@ def test_the_train_step_ops_show_no_scatter_but_the_token_placement():
 
 
 def test_clips_cuts_real_videos_with_the_tokens_tools_geometry_flags(tmp_path, capsys):
-  from videos import write_video
-  write_video(tmp_path / "v.mp4", frames=70)
+  video.write_moving_square(tmp_path / "v.mp4", frames=70)
   out = tmp_path / "clips.npy"
   benchmark.main(["clips", str(tmp_path / "v.mp4"), "--output", str(out), "--image_size", "64",
                   "--num_frames", "8", "--stride", "2", "--frames_per_clip", "32"])

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from rlt_jax.data import build_tfrecords, dmvr, tfrecord, video
-from videos import write_video
 
 GOOD = {"abc_000010_000020": ("juggling", ".mp4"), "def_000000_000010": ("abseiling", ".mp4"),
         "ghi_000005_000015": ("juggling", ".webm"), "jkl_000001_000011": ("zumba", ".avi"),
@@ -30,9 +29,9 @@ def kinetics(tmp_path_factory):
     elif video_id.startswith("empty"):
       path.write_bytes(b"")
     elif video_id.startswith("short"):
-      write_video(path, frames=5, height=96, width=128)
+      video.write_moving_square(path, frames=5, height=96, width=128)
     elif not video_id.startswith("missing"):
-      write_video(path, frames=20, height=96, width=128)
+      video.write_moving_square(path, frames=20, height=96, width=128)
   lines = ["label,youtube_id,time_start,time_end,split"]
   for video_id, (label, _) in {**GOOD, **BAD}.items():
     youtube_id, start, end = video_id.rsplit("_", 2)
@@ -124,7 +123,7 @@ def test_ssv2_templates_become_labels_and_webm_is_read(tmp_path, capsys):
   videos = tmp_path / "20bn"
   videos.mkdir()
   for i in (1, 2):
-    write_video(videos / f"{i}.webm", frames=12, height=60, width=80, rate=12)
+    video.write_moving_square(videos / f"{i}.webm", frames=12, height=60, width=80, rate=12)
   (tmp_path / "labels.json").write_text(json.dumps(
       {"Pushing something from left to right": "0", "Putting something on something": "1"}))
   (tmp_path / "train.json").write_text(json.dumps([
@@ -143,7 +142,7 @@ def test_ssv2_templates_become_labels_and_webm_is_read(tmp_path, capsys):
 
 
 def test_path_label_lists_and_bad_annotations(tmp_path):
-  write_video(tmp_path / "a.mp4", frames=10, height=48, width=64)
+  video.write_moving_square(tmp_path / "a.mp4", frames=10, height=48, width=64)
   (tmp_path / "list.txt").write_text("a.mp4 3\n")
   base = ["--video_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--split", "x",
           "--workers", "1", "--min_frames", "4", "--short_side", "32"]
@@ -168,7 +167,7 @@ def tiny_list(tmp_path, lines=("a.mp4 0", "b.mp4 1")):
   """A 'path label' list of two short videos, and the arguments that convert it."""
   for name in ("a.mp4", "b.mp4"):
     if not (tmp_path / name).exists():
-      write_video(tmp_path / name, frames=6, height=32, width=48)
+      video.write_moving_square(tmp_path / name, frames=6, height=32, width=48)
   (tmp_path / "list.txt").write_text("".join(f"{line}\n" for line in lines))
   return ["--format", "list", "--annotations", str(tmp_path / "list.txt"), "--video_dir",
           str(tmp_path), "--output_dir", str(tmp_path / "out"), "--split", "x", "--workers", "1",

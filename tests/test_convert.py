@@ -17,9 +17,9 @@ import pytest
 
 from rlt_jax import convert, layout, rlt
 from rlt_jax.checkpoints import checkpoint, torch_checkpoint
+from rlt_jax.models import vit
 from rlt_jax.runtime import files
 from rlt_jax.training import forward
-from rlt_jax.models import vit
 from torch_files import PlainArray, View, laughs, text, write_hostile, write_pth, write_raw
 
 TOL = 5e-5  # fixture README: every correct fp32 implementation is within 2e-6
@@ -128,7 +128,8 @@ class TestLayouts:
     for key, value in fixture["state"].items():
       for old, new in renames.items():
         key = key.replace(old, new)
-      key = key.replace("head.", "cls_head.fc_cls.") if key.startswith("head.") else "backbone." + key
+      key = (key.replace("head.", "cls_head.fc_cls.") if key.startswith("head.")
+             else "backbone." + key)
       state[key] = value
     state["backbone.pos_embed"] = vit.sinusoid_table(1568, 384)[None]
     path = tmp_path / "mmaction.pth"

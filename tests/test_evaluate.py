@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from rlt_jax import layout, rlt
+from rlt_jax.models import vit
 from rlt_jax.runtime import sharding
 from rlt_jax.training import evaluate, forward
-from rlt_jax.models import vit
 
 SPEC = vit.ModelSpec.from_variant("tiny", num_classes=5, num_frames=4, image_size=32,
                                   patch_size=16)

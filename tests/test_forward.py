@@ -53,10 +53,10 @@ class TestMesh:
     assert len(logits.sharding.device_set) == 8
 
   def test_groups_are_the_batch_shards(self):
-    assert forward.batch_groups(None) == 1
-    assert forward.batch_groups(sharding.make_mesh()) == 8
-    assert forward.batch_groups(sharding.make_mesh(data=2, fsdp=4)) == 8
-    assert forward.batch_groups(sharding.make_mesh(data=4, devices=jax.devices()[:4])) == 4
+    assert sharding.batch_shards(None) == 1
+    assert sharding.batch_shards(sharding.make_mesh()) == 8
+    assert sharding.batch_shards(sharding.make_mesh(data=2, fsdp=4)) == 8
+    assert sharding.batch_shards(sharding.make_mesh(data=4, devices=jax.devices()[:4])) == 4
 
 
 class TestPlans:

@@ -10,7 +10,6 @@ from PIL import Image
 
 from rlt_jax import kept_tokens, rlt
 from rlt_jax.data import synthetic, video
-from videos import write_video
 
 
 def moving_square(frames: int = 8, size: int = 64) -> np.ndarray:
@@ -24,7 +23,7 @@ def moving_square(frames: int = 8, size: int = 64) -> np.ndarray:
 
 def test_a_video_reports_its_kept_tokens_and_draws_them(tmp_path, capsys):
   path = tmp_path / "square.mp4"
-  write_video(path, frames=70)
+  video.write_moving_square(path, frames=70)
   kept_tokens.main(["--video", str(path), "--thresholds", "0.1,100", "--save_png",
                str(tmp_path / "t.png"), "--save_gif", str(tmp_path / "t.gif")])
   out = capsys.readouterr().out
@@ -127,7 +126,7 @@ def test_clips_of_any_tubelet_and_patch_multiple_are_counted(tmp_path, capsys, s
 
 def test_video_flags_set_the_clip_geometry(tmp_path, capsys):
   path = tmp_path / "square.mp4"
-  write_video(path, frames=70)
+  video.write_moving_square(path, frames=70)
   kept_tokens.main(["--video", str(path), "--num_frames", "8", "--image_size", "64", "--stride",
                "2"])
   assert "4 clip(s) of 8 × 64×64 (64 tokens each)" in capsys.readouterr().out  # 70 // 16
@@ -224,7 +223,7 @@ def test_a_video_shorter_than_its_clip_marks_the_padding_and_leaves_it_out(tmp_p
   """36 frames for a clip of 16 frames at stride 4 (61 frames): the clip's end repeats the
   last frame; tubelets made only of that are padding, drawn as such and never counted."""
   path = tmp_path / "short.mp4"
-  write_video(path, frames=36)
+  video.write_moving_square(path, frames=36)
   png = tmp_path / "short.png"
   kept_tokens.main(["--video", str(path), "--save_png", str(png)])
   out = capsys.readouterr().out

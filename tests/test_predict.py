@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rlt_jax import convert, predict
-from videos import write_video
+from rlt_jax.data import video
 
 TOL = 5e-5
 
@@ -48,14 +48,14 @@ def test_bad_clips_are_named(model_dir, tmp_path):
 
 
 def test_a_real_video_prints_top5_and_tokens_kept(model_dir, tmp_path, capsys):
-  video = tmp_path / "square.mp4"
-  write_video(video)
+  path = tmp_path / "square.mp4"
+  video.write_moving_square(path)
   labels = tmp_path / "labels.txt"
   labels.write_text("\n".join(f"class {i}" for i in range(400)))
-  predict.main(["--checkpoint", str(model_dir), "--video", str(video), "--views", "2x3",
+  predict.main(["--checkpoint", str(model_dir), "--video", str(path), "--views", "2x3",
                 "--labels", str(labels)])
   out = capsys.readouterr().out
-  assert (f"6 clip(s) of 16 frames of 224×224: 2 clips × 3 crops of {video} (every 4th frame, "
+  assert (f"6 clip(s) of 16 frames of 224×224: 2 clips × 3 crops of {path} (every 4th frame, "
           "short side 224); policy rlt") in out  # which views and geometry
   kept = float(out.split("average (")[1].split("%")[0])
   assert kept < 30  # a static background with one moving square: most tokens are dropped
@@ -64,9 +64,9 @@ def test_a_real_video_prints_top5_and_tokens_kept(model_dir, tmp_path, capsys):
 
 
 def test_without_labels_the_classes_are_called_by_their_index(model_dir, tmp_path, capsys):
-  video = tmp_path / "square.mp4"
-  write_video(video)
-  predict.main(["--checkpoint", str(model_dir), "--video", str(video), "--views", "1x1"])
+  path = tmp_path / "square.mp4"
+  video.write_moving_square(path)
+  predict.main(["--checkpoint", str(model_dir), "--video", str(path), "--views", "1x1"])
   out = capsys.readouterr().out
   assert "class indices: --labels classes.txt gives their names" in out
   assert out.count(". class ") == 5

@@ -9,7 +9,7 @@ from rlt_jax import rlt
 
 
 def reference_keep_mask(frames, tau, ts, p):
-  """The rule of shared/specs/rlt.md, written as plainly as possible (float64 loops)."""
+  """The rule of docs/rlt.md, written as plainly as possible (float64 loops)."""
   b, t, hh, ww, _ = frames.shape
   x = frames.astype(np.float64)
   mask = np.zeros((b, t // ts, hh // p, ww // p), bool)

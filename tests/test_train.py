@@ -159,7 +159,8 @@ def one_step(mesh, config, batch):
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(3), "rng": rng,
            "bad_step": jnp.int32(-1)}
   shardings = sharding.tree_shardings(mesh, state, min_size=16)
-  step = train.TrainStep(model, tx, lr, augment.Augment(num_classes=8), configure.token_policy(config),
+  step = train.TrainStep(model, tx, lr, augment.Augment(num_classes=8),
+                         configure.token_policy(config),
                          configure.token_layout(config), config.grad_accum_steps, mesh, shardings)
   state, metrics = step(jax.device_put(state, shardings), sharding.global_batch(mesh, batch))
   return jax.device_get(state), jax.device_get(metrics), shardings, step

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from rlt_jax.data import video
-from videos import write_video
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi"])
 def test_real_files_decode_to_rgb_at_their_rate(tmp_path, suffix):
   path = tmp_path / f"clip{suffix}"
-  write_video(path, frames=30, height=120, width=160, rate=25)
+  video.write_moving_square(path, frames=30, height=120, width=160, rate=25)
   frames, rate = video.decode(str(path))
   assert len(frames) == 30 and rate == 25 and frames[0].shape == (120, 160, 3)
   assert frames[0].dtype == np.uint8
@@ -26,7 +25,7 @@ def test_real_files_decode_to_rgb_at_their_rate(tmp_path, suffix):
 
 def test_yuv444_sources_decode(tmp_path):
   path = tmp_path / "clip.mp4"
-  write_video(path, frames=5, height=64, width=96, pix_fmt="yuv444p")
+  video.write_moving_square(path, frames=5, height=64, width=96, pix_fmt="yuv444p")
   frames, _ = video.decode(str(path))
   assert len(frames) == 5 and frames[0].shape == (64, 96, 3)
 
@@ -78,7 +77,7 @@ VIEWS = [dict(clips=4, crops=3, clip_len=16, stride=4, size=224),  # predict's d
 @pytest.mark.parametrize("views", VIEWS, ids=lambda v: "-".join(map(str, v.values())))
 def test_streaming_views_equal_the_full_decode(tmp_path, suffix, views):
   path = str(tmp_path / f"clip{suffix}")
-  write_video(path, frames=70, height=120, width=160)
+  video.write_moving_square(path, frames=70, height=120, width=160)
   fps = views.get("fps")
   expected = video.test_views(video.decode(path, fps=fps)[0],
                               **{k: v for k, v in views.items() if k != "fps"})
@@ -87,7 +86,7 @@ def test_streaming_views_equal_the_full_decode(tmp_path, suffix, views):
 
 def test_clips_may_be_a_function_of_the_frame_count(tmp_path):
   path = str(tmp_path / "clip.mp4")
-  write_video(path, frames=70, height=64, width=80)
+  video.write_moving_square(path, frames=70, height=64, width=80)
   views = video.read_test_views(path, clips=lambda n: n // 10, crops=1, clip_len=4, stride=2,
                                 size=32)
   assert len(views) == 7
@@ -96,7 +95,7 @@ def test_clips_may_be_a_function_of_the_frame_count(tmp_path):
 @pytest.mark.parametrize("error", [-5, 9])
 def test_a_wrong_frame_count_is_caught_and_the_views_read_again(tmp_path, monkeypatch, error):
   path = str(tmp_path / "clip.mp4")
-  write_video(path, frames=50, height=64, width=80)
+  video.write_moving_square(path, frames=50, height=64, width=80)
   expected = video.test_views(video.decode(path)[0], clips=3, crops=1, clip_len=8, stride=2,
                               size=32)
   monkeypatch.setattr(video, "count_frames", lambda path, fps: 50 + error)
@@ -110,7 +109,7 @@ def test_a_wrong_frame_count_is_caught_and_the_views_read_again(tmp_path, monkey
 
 def test_streaming_converts_only_the_frames_the_views_use(tmp_path, monkeypatch):
   path = str(tmp_path / "clip.mp4")
-  write_video(path, frames=200, height=64, width=80)
+  video.write_moving_square(path, frames=200, height=64, width=80)
   converted = []
   rgb = video._rgb
   monkeypatch.setattr(video, "_rgb", lambda frame, path: converted.append(1) or rgb(frame, path))
@@ -121,7 +120,7 @@ def test_streaming_converts_only_the_frames_the_views_use(tmp_path, monkeypatch)
 def test_streaming_memory_grows_with_the_views_not_the_video(tmp_path):
   """Peak RSS (VmHWM) beyond the imports: a whole decode holds every frame, streaming a few."""
   path = str(tmp_path / "long.avi")
-  write_video(path, frames=400)  # 400 × 240 × 320 × 3 bytes = 92 MB decoded
+  video.write_moving_square(path, frames=400)  # 400 × 240 × 320 × 3 bytes = 92 MB decoded
   frames_kb = 400 * 240 * 320 * 3 / 1024
   code = textwrap.dedent("""
       import re, sys
@@ -144,7 +143,7 @@ def test_streaming_memory_grows_with_the_views_not_the_video(tmp_path):
 @pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi"])
 def test_frames_are_counted_without_decoding(tmp_path, suffix):
   path = str(tmp_path / f"clip{suffix}")
-  write_video(path, frames=33, height=64, width=80)
+  video.write_moving_square(path, frames=33, height=64, width=80)
   for fps in (None, 10, 50):
     assert video.count_frames(path, fps=fps) == len(video.decode(path, fps=fps)[0])
 

@@ -17,8 +17,8 @@ import pytest
 
 from rlt_jax import convert, layout, rlt
 from rlt_jax.checkpoints import checkpoint
-from rlt_jax.training import forward
 from rlt_jax.models import tome, vit
+from rlt_jax.training import forward
 from test_layout import SPEC, N, clips, full_tokens, logits_alone, random_params, run
 
 TS, P = SPEC.tubelet_size, SPEC.patch_size

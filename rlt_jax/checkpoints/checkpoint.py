@@ -15,14 +15,16 @@ import secrets
 import shutil
 from typing import Any
 
+import grain
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from rlt_jax.runtime import files
 from rlt_jax.models import vit
+from rlt_jax.runtime import files
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -36,7 +38,6 @@ def save_model(directory: str | os.PathLike, params: Any, spec: vit.ModelSpec | 
   directory beside it and renamed. Params may be sharded across processes (each writes its
   shards). An existing directory is an error unless `overwrite` (then replaced atomically).
   """
-  from jax.experimental import multihost_utils
   spec = spec if isinstance(spec, vit.ModelSpec) else vit.ModelSpec.from_dict(spec)
   params = vit.arrange_blocks(params, scan=False)  # the saved format: one blocks_i per block
   target = pathlib.Path(directory).absolute()
@@ -173,7 +174,6 @@ class TrainCheckpoints:
   or an earlier checkpoint is used."""
 
   def __init__(self, directory: str, *, keep: int):
-    import grain
     self.directory = directory
     self._manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -181,7 +181,6 @@ class TrainCheckpoints:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
                        "checksums": ocp.JsonCheckpointHandler()})
-    self._grain = grain
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -196,7 +195,7 @@ class TrainCheckpoints:
     sums = np.asarray(jax.device_get(fingerprint(state)), np.uint32).tolist()
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=self._grain.checkpoint.CheckpointSave(_IteratorState(iterator_state)),
+        data=grain.checkpoint.CheckpointSave(_IteratorState(iterator_state)),
         checksums=ocp.args.JsonSave({"fingerprint": sums})), force=force)
 
   def restore(self, abstract_state: Any, shardings: Any, iterator: Any):
@@ -211,7 +210,7 @@ class TrainCheckpoints:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
-            data=self._grain.checkpoint.CheckpointRestore(iterator)))
+            data=grain.checkpoint.CheckpointRestore(iterator)))
         problem = self._damage(step, restored["state"])
       except Exception as e:  # missing files, bad metadata, truncated arrays …
         problem = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"

@@ -192,7 +192,15 @@ def _int(value: Any, what: str, source: str) -> int:
 
 class _Unpickler(pickle._Unpickler):
   """The pure-Python unpickler, restricted. Pure Python because the C one hashes dict keys and
-  set members, builds and mutates objects with no hook to check them first."""
+  set members, builds and mutates objects with no hook to check them first.
+
+  Why a private CPython class: `pickle._Unpickler` is the only unpickler whose opcodes can be
+  replaced one by one (its `dispatch` table maps each opcode byte to a method). We copy that
+  table, send every opcode it does not know to `_unknown_opcode`, and replace the handlers of
+  the opcodes that build containers and objects (below) with checked ones. It has been stable
+  since Python 3.0; tests/test_convert.py runs hostile files through each replaced opcode, so a
+  change in a new CPython shows up there, not in a user's run.
+  """
 
   dispatch = collections.defaultdict(lambda: _Unpickler._unknown_opcode,
                                      pickle._Unpickler.dispatch)
@@ -396,6 +404,7 @@ class _Unpickler(pickle._Unpickler):
     self.work.hold(len(data), "a numpy array")
     return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C").copy()
 
+  # the checked handlers (see the class docstring for why the table is patched)
   dispatch[pickle.SETITEM[0]] = _load_setitem
   dispatch[pickle.SETITEMS[0]] = _load_setitems
   dispatch[pickle.DICT[0]] = _load_dict

@@ -75,7 +75,7 @@ def _index_videos(video_dir: str) -> dict[str, str]:
 
 def _class_list(names: list[str], output_dir: str, classes_file: str | None) -> list[str]:
   """The class list: --classes, else the output's existing classes.txt, else sorted names."""
-  path = classes_file or os.path.join(output_dir, "classes.txt")
+  path = classes_file or os.path.join(output_dir, tfrecord.CLASSES_FILE)
   if classes_file or os.path.exists(path):
     return _read_classes(path)
   return sorted(set(names))
@@ -229,11 +229,6 @@ def _encode_job(job):
   return encode(*job)
 
 
-def _atomic_json(path: str, value) -> None:
-  with files.atomic_write(path) as f:
-    json.dump(value, f, indent=1)
-
-
 def shard_path(output_dir: str, split: str, shard: int, num_shards: int) -> str:
   return os.path.join(output_dir, f"{split}.tfrecord-{shard:05d}-of-{num_shards:05d}")
 
@@ -350,7 +345,7 @@ def build(entries: list[Entry], classes: list[str], *, output_dir: str, split: s
               f"{output_dir}: holds a '{split}' conversion that differs from this one ("
               f"{difference}); rerun it with the same annotations and options to resume, or "
               "use a fresh --output_dir, or --overwrite to discard it")
-    classes_file = os.path.join(output_dir, "classes.txt")
+    classes_file = os.path.join(output_dir, tfrecord.CLASSES_FILE)
     if os.path.exists(classes_file) and (old := _read_classes(classes_file)) != classes:
       line = next((i for i, (a, b) in enumerate(zip(old, classes)) if a != b),
                   min(len(old), len(classes)))
@@ -360,12 +355,12 @@ def build(entries: list[Entry], classes: list[str], *, output_dir: str, split: s
           f"{classes[line] if line < len(classes) else 'the end'!r}); every split in "
           f"{output_dir} shares it: use a fresh --output_dir, or delete it and convert every "
           "split again")
-    _atomic_json(plan_file, plan)
+    files.write_json(plan_file, plan)
     if not os.path.exists(classes_file):
       with files.atomic_write(classes_file) as f:
         f.write("".join(f"{c}\n" for c in classes))
     summary_file = os.path.join(output_dir, f"{split}.summary.json")
-    _atomic_json(summary_file, {"split": split, "videos": len(entries), "shards": num_shards,
+    files.write_json(summary_file, {"split": split, "videos": len(entries), "shards": num_shards,
                                 "classes": len(classes), "complete": False})
     _remove_temporaries(output_dir, split)
     converted = _write_shards(entries, shards, output_dir, split, progress_dir, workers,
@@ -380,7 +375,7 @@ def build(entries: list[Entry], classes: list[str], *, output_dir: str, split: s
       summary["skipped"] += report["skipped"]
     summary["skipped_count"] = len(summary["skipped"])
     summary["complete"] = True
-    _atomic_json(summary_file, summary)  # last: readers check it says complete
+    files.write_json(summary_file, summary)  # last: readers check it says complete
   return summary
 
 
@@ -414,7 +409,7 @@ def _write_shards(entries: list[Entry], shards: list[np.ndarray], output_dir: st
           else:
             writer.write(payload)
           bar.update()
-        _atomic_json(os.path.join(progress_dir, f"{s:05d}.json"),
+        files.write_json(os.path.join(progress_dir, f"{s:05d}.json"),
                      {"written": len(shards[s]) - len(skipped), "skipped": skipped})
   finally:
     bar.close()
@@ -459,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.format == "ssv2":
       entries, classes = read_ssv2(args.annotations, args.video_dir, args.labels)
     else:  # like Kinetics, a second split reuses the first split's classes.txt
-      existing = os.path.join(args.output_dir, "classes.txt")
+      existing = os.path.join(args.output_dir, tfrecord.CLASSES_FILE)
       entries, classes = read_list(args.annotations, args.video_dir, args.classes or (
           existing if os.path.exists(existing) else None))
     summary = build(entries, classes, output_dir=args.output_dir, split=args.split,

@@ -324,6 +324,7 @@ def record_costs(patterns: str, sampling: Sampling, cost: Cost, *,
       grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=64))
   mine = np.asarray([int(e["cost"]) for e, _ in zip(ds, share)], np.int32)
   if process_count > 1:
+    # imported here: decoding workers import this module, and only this path needs jax
     from jax.experimental import multihost_utils
     width = -(-len(source) // process_count)
     padded = np.full(width, -1, np.int32)
@@ -392,12 +393,9 @@ def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: in
   return ds
 
 
-CLASSES_FILE = "classes.txt"  # class names, one per line (line number = label), beside shards
-
-
 def classes_path(patterns: str) -> epath.Path | None:
   """The classes.txt next to the first shard of a set, or None if there is none."""
-  path = epath.Path(open_source(patterns).shards[0]).parent / CLASSES_FILE
+  path = epath.Path(open_source(patterns).shards[0]).parent / tfrecord.CLASSES_FILE
   return path if path.exists() else None
 
 

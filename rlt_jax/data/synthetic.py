@@ -183,12 +183,11 @@ def generate(output_dir: str, *, train_videos: int = 2400, val_videos: int = 240
             writer.write(dmvr.serialize(dmvr.VideoRecord(
                 [video.encode_jpeg(f, 95) for f in frames], label, CLASSES[label],
                 f"{split}_{i:06d}", FRAME_RATE)))
-    with files.atomic_write(staging / "classes.txt") as f:
+    with files.atomic_write(staging / tfrecord.CLASSES_FILE) as f:
       f.write("".join(f"{c}\n" for c in CLASSES))
     manifest = {"params": params,
                 "files": {p: _describe(os.path.join(staging, p)) for p in _files(staging)}}
-    with files.atomic_write(staging / MANIFEST) as f:
-      json.dump(manifest, f, indent=1)
+    files.write_json(staging / MANIFEST, manifest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,9 @@ BUILD_HELP = ("build them with `python data/build_tfrecords.py --format kinetics
               "section \"Data\")")
 
 
+CLASSES_FILE = "classes.txt"  # beside a shard set: class names, one per line (line = label)
+
+
 class CorruptRecordError(ValueError):
   """A record whose framing or checksum is wrong; the message names the shard and offset."""
 

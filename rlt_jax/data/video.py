@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import av
 import numpy as np
 from PIL import Image
 
@@ -21,7 +23,6 @@ class VideoError(ValueError):
 
 def _rgb(frame, path: str) -> np.ndarray:
   """RGB uint8 of any pixel format, with the stream's display rotation applied."""
-  import av
   try:
     array = frame.to_ndarray(format="rgb24")
   except (av.error.FFmpegError, ValueError) as e:
@@ -42,7 +43,6 @@ def _decoded(path: str, fps: float | None) -> Iterator[tuple[Any, int, float]]:
   both lowers and raises the rate. Frames are not converted to RGB here: callers convert only
   the ones they keep.
   """
-  import av
   try:
     with av.open(path) as container:
       stream, rate = _video_stream(container, path)
@@ -96,7 +96,6 @@ def count_frames(path: str, *, fps: float | None = None) -> int:
   files, two state a wrong frame count (444 for 68 frames, 456 for 455). This count can still
   be wrong for a file whose decoder drops frames; `read_test_views` checks it.
   """
-  import av
   try:
     with av.open(path) as container:
       stream, rate = _video_stream(container, path)
@@ -115,7 +114,6 @@ def count_frames(path: str, *, fps: float | None = None) -> int:
 
 def frame_rate(path: str) -> float:
   """The video's stored frame rate (frames per second; 25 if the file does not say)."""
-  import av
   try:
     with av.open(path) as container:
       return _video_stream(container, path)[1]
@@ -259,3 +257,29 @@ def parse_views(text: str, name: str = "--views") -> tuple[int, int]:
   if clips < 1 or crops < 1:
     raise ValueError(f"{name}={text!r}: clips and crops must each be at least 1")
   return clips, crops
+
+
+CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".avi": "mpeg4"}
+
+
+def write_moving_square(path: str | os.PathLike, *, frames: int = 90, height: int = 240,
+                        width: int = 320, rate: int = 25, pix_fmt: str = "yuv420p",
+                        texture: int = 1, seed: int = 0) -> None:
+  """A small real video file (codec from the suffix, `CODECS`): a still random texture (cells
+  of `texture` pixels) with a white 40-pixel square moving right, 3 pixels a frame. For the
+  tests and the data benchmark."""
+  path = str(path)
+  rng = np.random.RandomState(seed)
+  cells = rng.randint(0, 255, (-(-height // texture), -(-width // texture), 3), np.uint8)
+  background = cells.repeat(texture, 0).repeat(texture, 1)[:height, :width]
+  with av.open(path, "w") as container:
+    stream = container.add_stream(CODECS[os.path.splitext(path)[1]], rate=rate)
+    stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+    for i in range(frames):
+      image = background.copy()
+      x = 3 * i % max(1, width - 40)
+      image[height // 3:height // 3 + 40, x:x + 40] = 255
+      for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)

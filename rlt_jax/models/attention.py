@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from rlt_jax.runtime import sharding
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
@@ -75,6 +78,7 @@ def _cudnn_attention(q, k, v, lengths):
 
 
 def _splash_kernel(length: int, heads: int, interpret: bool):
+  # imported on use: the Pallas TPU kernels are a large import that only 'splash' needs
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   mask = splash.MultiHeadMask([splash.FullMask((length, length))] * heads)
   block = min(512, length)
@@ -86,7 +90,7 @@ def _splash_kernel(length: int, heads: int, interpret: bool):
 
 
 def _splash_attention(q, k, v, lengths):
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # as above
   batch, length, heads, head_dim = q.shape
   if length % 128:
     raise ValueError(f"splash attention needs rows whose length is a multiple of 128, got "
@@ -105,7 +109,6 @@ def _splash_attention(q, k, v, lengths):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return local(q, k, v, segments)
-  from jax.sharding import PartitionSpec as P
-  rows = P(tuple(a for a in ("data", "fsdp") if a in mesh.axis_names))
+  rows = P(tuple(a for a in sharding.AXES if a in mesh.axis_names))
   return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows,
                        check_vma=False)(q, k, v, segments)

@@ -176,12 +176,10 @@ class Mlp(nn.Module):
     return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(x)
 
 
-class Block(nn.Module):
-  """Pre-norm block; drop path is one Bernoulli per clip, applied to all its tokens.
-
-  On the layout's slots (`tokens` given), or on clip rows with ToMe: `size` (R, C) gives each
-  row slot's token size (0: padding) and `merge` tokens are merged after attention.
-  """
+class _BlockParts(nn.Module):
+  """What every block variant shares: its settings and drop path (one Bernoulli per clip,
+  applied to all its tokens). Submodule names (norm1, attn, norm2, mlp) are the same in every
+  variant, so their parameters are interchangeable."""
   num_heads: int
   mlp_dim: int
   drop_path: float = 0.0
@@ -189,30 +187,12 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
 
-  @nn.compact
-  def __call__(self, x, tokens: layout.TokenBatch | None, deterministic: bool, size=None,
-               merge: int = 0, rate=None):
-    norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
-    attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
-    if tokens is not None:  # one draw per clip (index 0: padding), whatever the layout
-      draws = (tokens.plan.groups, tokens.plan.clips + 1)
-      owner = lambda y: jnp.take_along_axis(y, tokens.clip, axis=1)
-      y, _ = attn(norm("norm1")(x), tokens)
-    else:  # a row is one clip
-      draws = (x.shape[0], 1)
-      owner = lambda y: jnp.broadcast_to(y, x.shape[:2])
-      y, keys = attn(norm("norm1")(x), bias=tome.attention_bias(size))
-    x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), draws, owner,
-                            deterministic, rate)
-    if tokens is None and merge:
-      matching = tome.bipartite_soft_matching(tome.metric_from_keys(keys), size > 0, merge)
-      x, size = tome.merge(x, size, matching)
-    y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
-    x = x + self._drop_path(nn.Dropout(self.dropout)(y, deterministic), draws, owner,
-                            deterministic, rate)
-    return x if tokens is not None else (x, size)
+  def _norm(self, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
 
-  def _drop_path(self, y, draws, owner, deterministic, rate):
+  def _residual(self, y, draws, owner, deterministic: bool, rate):
+    """Dropout then drop path of a branch's output, to be added to the residual stream."""
+    y = nn.Dropout(self.dropout)(y, deterministic)
     rate = self.drop_path if rate is None else rate  # a traced scalar under `model.scan`
     if deterministic or (isinstance(rate, float) and rate == 0.0):
       return y
@@ -221,12 +201,47 @@ class Block(nn.Module):
     return y * (scale / jnp.asarray(keep, y.dtype))[..., None]
 
 
-class _ScanStep(Block):
+class Block(_BlockParts):
+  """A pre-norm block on the layout's slots (G, L, D); attention on one row per clip."""
+
+  @nn.compact
+  def layers(self, x, tokens: layout.TokenBatch, deterministic: bool, rate=None):
+    draws = (tokens.plan.groups, tokens.plan.clips + 1)  # one per clip (index 0: padding)
+    owner = lambda y: jnp.take_along_axis(y, tokens.clip, axis=1)
+    y, _ = Attention(self.num_heads, self.dtype, self.attention, name="attn")(
+        self._norm("norm1")(x), tokens)
+    x = x + self._residual(y, draws, owner, deterministic, rate)
+    y = Mlp(self.mlp_dim, self.dtype, name="mlp")(self._norm("norm2")(x))
+    return x + self._residual(y, draws, owner, deterministic, rate)
+
+  def __call__(self, x, tokens: layout.TokenBatch, deterministic: bool):
+    return self.layers(x, tokens, deterministic)
+
+
+class ScannedBlock(Block):
   """One step of the scanned block stack (`model.scan`): the drop-path rate arrives as the
   scanned input, so one block is traced and compiled for all `depth` of them."""
 
   def __call__(self, x, tokens: layout.TokenBatch, rate, deterministic: bool):
-    return super().__call__(x, tokens, deterministic, None, 0, rate), None
+    return self.layers(x, tokens, deterministic, rate), None
+
+
+class RowBlock(_BlockParts):
+  """A pre-norm block on clip rows (R, C, D) for Token Merging: `size` (R, C) is each slot's
+  token size (0: padding), attention is proportional to it, and `merge` tokens are merged
+  after attention (`tome`). Returns (rows, sizes)."""
+
+  @nn.compact
+  def __call__(self, x, size, deterministic: bool, merge: int):
+    draws, owner = (x.shape[0], 1), lambda y: jnp.broadcast_to(y, x.shape[:2])  # a row: a clip
+    y, keys = Attention(self.num_heads, self.dtype, self.attention, name="attn")(
+        self._norm("norm1")(x), bias=tome.attention_bias(size))
+    x = x + self._residual(y, draws, owner, deterministic, None)
+    if merge:
+      matching = tome.bipartite_soft_matching(tome.metric_from_keys(keys), size > 0, merge)
+      x, size = tome.merge(x, size, matching)
+    y = Mlp(self.mlp_dim, self.dtype, name="mlp")(self._norm("norm2")(x))
+    return x + self._residual(y, draws, owner, deterministic, None), size
 
 
 class VisionTransformer(nn.Module):
@@ -268,17 +283,18 @@ class VisionTransformer(nn.Module):
       if any(self.tome):
         raise ValueError("model.scan=True with ToMe: ToMe changes the token count from block "
                          "to block, a scan runs one shape through all; turn one of them off")
-      step = _ScanStep
-      if self.remat != "none":  # argument 4 (`deterministic`) is a Python value
-        step = nn.remat(_ScanStep, policy=policy, static_argnums=(4,), prevent_cse=False)
+      step = ScannedBlock
+      if self.remat != "none":  # argument 4 (`deterministic`, self counted) is a Python value
+        step = nn.remat(ScannedBlock, policy=policy, static_argnums=(4,), prevent_cse=False)
       self.blocks = nn.scan(step, variable_axes={"params": 0}, length=s.depth,
                             split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, 0, nn.broadcast))(
           s.num_heads, s.mlp_dim, 0.0, self.dropout, self.dtype, self.attention, name="blocks")
     else:
-      block = Block
-      if self.remat != "none":  # arguments 3 (`deterministic`) and 5 (`merge`) are Python values
-        block = nn.remat(Block, policy=policy, static_argnums=(3, 5))
+      # Python-valued arguments (self counted): `deterministic`, and `merge` of a row block
+      block, static = (RowBlock, (3, 4)) if any(self.tome) else (Block, (3,))
+      if self.remat != "none":
+        block = nn.remat(block, policy=policy, static_argnums=static)
       self.blocks = [block(s.num_heads, s.mlp_dim, float(rate), self.dropout, self.dtype,
                            self.attention, name=f"blocks_{i}")
                      for i, rate in enumerate(self._drop_path_rates())]
@@ -305,7 +321,7 @@ class VisionTransformer(nn.Module):
       pooled = layout.pool(x, tokens)
     elif not any(self.tome):
       for block in self.blocks:  # every argument positional: remat's static_argnums count them
-        x = block(x, tokens, not train, None, 0)
+        x = block(x, tokens, not train)
       pooled = layout.pool(x, tokens)
     else:
       x = layout.to_rows(x, tokens)
@@ -313,7 +329,7 @@ class VisionTransformer(nn.Module):
       requested = tuple(self.tome) + (0,) * (s.depth - len(self.tome))
       # r per block, clipped to this batch's rows (C slots, fewer than N under RLT)
       for block, merge in zip(self.blocks, tome.schedule(requested, s.depth, x.shape[1])):
-        x, size = block(x, None, not train, size, merge)
+        x, size = block(x, size, not train, merge)
       pooled = tome.weighted_mean(x, size)
     return self.head(self.head_drop(self.fc_norm(pooled), not train))
 

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Mapping
 
 import tqdm
+from tensorboardX import SummaryWriter
 
 from rlt_jax.runtime import files
 
@@ -222,7 +223,6 @@ class MetricsLog:
     self.main = _is_main()
     self.writer = None
     if self.main:
-      from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
       self.jsonl = files.open_append(os.path.join(workdir, "metrics.jsonl"))
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import pathlib
 import shutil
 import socket
 import stat
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 
 def _umask() -> int:
@@ -55,6 +56,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+  """`value` as indented JSON at `path`, written atomically (`atomic_write`)."""
+  with atomic_write(path) as f:
+    json.dump(value, f, indent=1)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,11 @@
 """The device mesh, FSDP-style parameter sharding rules, and global batches.
 
-Mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose members also split
-parameters and optimizer state); there is no tensor-parallel axis (a ViT-g fits with FSDP). A
-batch is split over (data, fsdp), and each batch shard is one group of the token layout. A parameter with at least
-`min_size` elements is split over `fsdp` along its largest dimension that divides evenly, so
-ViT-H and ViT-g fit; small ones (biases, norms) are replicated. Axes are Auto (GSPMD), which
-flax.linen needs.
+Mesh axes (`AXES`, named nowhere else): `data` (pure data parallelism) and `fsdp` (data
+parallelism whose members also split parameters and optimizer state); there is no
+tensor-parallel axis (a ViT-g fits with FSDP). A batch is split over (data, fsdp), and each
+batch shard is one group of the token layout. A parameter with at least `min_size` elements is
+split over `fsdp` along its largest dimension that divides evenly, so ViT-H and ViT-g fit;
+small ones (biases, norms) are replicated. Axes are Auto (GSPMD), which flax.linen needs.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp")
-BATCH = P(("data", "fsdp"))
+AXES = ("data", "fsdp")  # the mesh's axes; a batch is split over both (the one place named)
+BATCH = P(AXES)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1,
@@ -54,9 +54,15 @@ def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2 ** 16) -> P:
 
 def tree_shardings(mesh: Mesh, tree: Any, min_size: int = 2 ** 16) -> Any:
   """NamedShardings for a tree of arrays (or ShapeDtypeStructs) by the FSDP rule."""
-  fsdp = mesh.shape["fsdp"]
+  fsdp = mesh.shape[AXES[1]]
   return jax.tree_util.tree_map(
       lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), tree)
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+  """How many shards a batch is split into on `mesh` (1 without one): the token layout's
+  groups, so that its gathers stay on each device."""
+  return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in AXES]))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

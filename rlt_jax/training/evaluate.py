@@ -10,12 +10,12 @@ one batch cost about the same (results are keyed by record, so order does not ma
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 from typing import Any, Iterable
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
@@ -106,8 +106,7 @@ def write_report(metrics: dict[str, Any], path: str, class_names: list[str]) -> 
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   summary = {k: v for k, v in metrics.items() if k != "per_class"}
-  with files.atomic_write(path) as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(path, summary)
   csv_path = os.path.splitext(path)[0] + "_per_class.csv"
   with files.atomic_write(csv_path) as f:
     f.write("class,name,videos,top1\n")
@@ -131,7 +130,6 @@ def _replicated(x: jax.Array) -> jax.Array:
   """A batch-sharded global array gathered to every process (small per-clip fields only)."""
   if jax.process_count() == 1:
     return x
-  from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(x, tiled=True)
 
 

@@ -17,14 +17,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlt_jax import layout, rlt
+from rlt_jax.models import vit
 from rlt_jax.runtime import sharding
 from rlt_jax.training import two_phase
-from rlt_jax.models import vit
-
-
-def batch_groups(mesh: jax.sharding.Mesh | None) -> int:
-  """Batch shards of a mesh (data × fsdp): the layout's groups, so gathers stay on device."""
-  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def mask_clips(frames: jax.Array, policy: rlt.Policy, spec: vit.ModelSpec, *,
@@ -45,7 +40,7 @@ class Forward:
                mesh: jax.sharding.Mesh | None = None):
     self.model, self.policy, self.layout, self.mesh = model, policy, token_layout, mesh
     self.spec = model.spec
-    self.groups = batch_groups(mesh)
+    self.groups = sharding.batch_shards(mesh)
     replicated = None if mesh is None else NamedSharding(mesh, P())
     batch = None if mesh is None else sharding.batch_sharding(mesh)
     self.driver = two_phase.TwoPhase(

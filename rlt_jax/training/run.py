@@ -11,6 +11,7 @@ import contextlib
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
 from rlt_jax.data import synthetic
@@ -35,7 +36,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.data.synthetic_dir and jax.process_index() == 0:
       write_synthetic(config)
     if config.data.synthetic_dir and jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("synthetic dataset written")
     mesh = sharding.make_mesh(**config.mesh)
     if config.mode == "eval":

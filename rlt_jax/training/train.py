@@ -30,7 +30,7 @@ from rlt_jax.checkpoints import checkpoint
 from rlt_jax.data import input_pipeline
 from rlt_jax.models import vit
 from rlt_jax.runtime import console, sharding
-from rlt_jax.training import augment, configure, evaluate, forward, optim, two_phase
+from rlt_jax.training import augment, configure, evaluate, optim, two_phase
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,7 +55,7 @@ class TrainStep:
                mesh: jax.sharding.Mesh, state_shardings: Any = None):
     self.model, self.tx, self.lr_schedule, self.aug = model, tx, lr_schedule, aug
     self.policy, self.layout, self.accum = token_policy, token_layout, accum_steps
-    self.mesh, self.groups = mesh, forward.batch_groups(mesh)
+    self.mesh, self.groups = mesh, sharding.batch_shards(mesh)
     self.shapes: layout.ShapeSet | None = None
     batch = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
