@@ -39,3 +39,12 @@ def fixtures_dir() -> pathlib.Path:
     if got != want:
       raise ValueError(f"test fixture {path} has sha256 {got}, expected {want}")
   return FIXTURES
+
+
+@pytest.fixture
+def victim(tmp_path):
+  """A file outside every folder a test writes to; planted links point at it. Its content
+  must survive the test: `victim.read_text() == "precious"`."""
+  path = tmp_path / "victim"
+  path.write_text("precious")
+  return path

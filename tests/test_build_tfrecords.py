@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from rlt_jax.data import build_tfrecords, dmvr, tfrecord, video
+from rlt_jax.runtime import files
 
 GOOD = {"abc_000010_000020": ("juggling", ".mp4"), "def_000000_000010": ("abseiling", ".mp4"),
         "ghi_000005_000015": ("juggling", ".webm"), "jkl_000001_000011": ("zumba", ".avi"),
@@ -174,10 +175,8 @@ def tiny_list(tmp_path, lines=("a.mp4 0", "b.mp4 1")):
           "--min_frames", "4", "--short_side", "32"]
 
 
-def test_no_write_follows_a_symlink_planted_at_a_temporary_name(tmp_path):
+def test_no_write_follows_a_symlink_planted_at_a_temporary_name(tmp_path, victim):
   """The old writers used `.NAME.tmp` (classes: `classes.txt.tmp`) under the output folder."""
-  victim = tmp_path / "victim"
-  victim.write_text("precious")
   out = tmp_path / "out"
   (out / ".x.progress").mkdir(parents=True)
   for name in (".x.summary.json.tmp", "classes.txt.tmp", ".x.tfrecord-00000-of-00001.tmp",
@@ -264,7 +263,6 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
 
 
 def test_two_conversions_of_one_split_do_not_run_at_once(tmp_path):
-  from rlt_jax.runtime import files
   (tmp_path / "out" / ".x.progress").mkdir(parents=True)
   with files.workdir_lock(tmp_path / "out" / ".x.progress"):
     with pytest.raises(SystemExit, match="another conversion of 'x' is running there"):

@@ -31,9 +31,7 @@ def test_a_remote_workdir_is_refused_before_anything_is_written(tmp_path, monkey
 
 @pytest.mark.parametrize("name", [".lock", "log.txt", "metrics.jsonl", "log.process1.txt",
                                   "checkpoints", "tensorboard"])
-def test_a_planted_link_is_refused_and_its_target_untouched(tmp_path, name):
-  victim = tmp_path / "victim"
-  victim.write_text("precious")
+def test_a_planted_link_is_refused_and_its_target_untouched(tmp_path, name, victim):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / name).symlink_to(victim)
@@ -42,9 +40,7 @@ def test_a_planted_link_is_refused_and_its_target_untouched(tmp_path, name):
   assert victim.read_text() == "precious"
 
 
-def test_files_are_never_opened_through_a_link(tmp_path):
-  victim = tmp_path / "victim"
-  victim.write_text("precious")
+def test_files_are_never_opened_through_a_link(tmp_path, victim):
   (tmp_path / "log.txt").symlink_to(victim)
   with pytest.raises(files.UnsafeWorkdir, match="is a symbolic link"):
     files.open_append(tmp_path / "log.txt")
@@ -114,9 +110,7 @@ def test_temporaries_of_interrupted_writers_are_removed(tmp_path):
   assert sorted(os.listdir(tmp_path)) == [".lock", "model"]
 
 
-def test_atomic_write_replaces_a_planted_link_instead_of_writing_through_it(tmp_path):
-  victim = tmp_path / "victim"
-  victim.write_text("precious")
+def test_atomic_write_replaces_a_planted_link_instead_of_writing_through_it(tmp_path, victim):
   (tmp_path / "report.json").symlink_to(victim)
   with files.atomic_write(tmp_path / "report.json") as f:
     f.write("{}")

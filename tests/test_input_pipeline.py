@@ -1,6 +1,7 @@
 """input_pipeline.py: global shuffling, per-process shares, exact resume, eval views, bad data."""
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -257,7 +258,6 @@ def test_missing_shards_are_named(tmp_path):
 
 def test_an_empty_shard_in_a_complete_set_is_refused(data, tmp_path):
   """A 0-byte shard among its -of-N siblings would silently drop its share of the data."""
-  import shutil
   for shard in input_pipeline.list_shards(str(data / "train.tfrecord-*")):
     shutil.copy(shard, tmp_path / shard.name)
   (tmp_path / "train.tfrecord-00001-of-00003").write_bytes(b"")

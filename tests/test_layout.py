@@ -103,6 +103,12 @@ def batch():
               alone=logits_alone(model, params, frames, mask))
 
 
+def plan_of(batch, kind, groups=2):
+  """The plan of the batch's exact counts (rows in multiples of 8, 2 groups)."""
+  return layout.plan(batch["counts"], layout.Layout(kind, capacity_step=8), num_tokens=N,
+                     groups=groups)
+
+
 def padding_slots(tokens):
   return np.asarray(tokens.clip) == 0
 
@@ -145,15 +151,13 @@ class TestPaddingIsNeverAttendedOrPooled:
     noise = np.random.RandomState(1).normal(scale=10.0, size=frames.shape).astype(np.float32)
     changed = jnp.where(dropped, noise, frames)
     assert not np.array_equal(changed, frames)
-    plan = layout.plan(batch["counts"], layout.Layout(kind, capacity_step=8), num_tokens=N,
-                       groups=2)
+    plan = plan_of(batch, kind)
     np.testing.assert_array_equal(run(batch["model"], batch["params"], changed, mask, plan),
                                   run(batch["model"], batch["params"], frames, mask, plan))
 
   @pytest.mark.parametrize("kind", layout.KINDS)
   def test_garbage_in_padding_slots_changes_nothing(self, batch, kind):
-    plan = layout.plan(batch["counts"], layout.Layout(kind, capacity_step=8), num_tokens=N,
-                       groups=2)
+    plan = plan_of(batch, kind)
     tokens = tokenize(batch["frames"], batch["mask"], plan)
     pad = jnp.asarray(padding_slots(tokens))
     noise = jax.random.normal(jax.random.PRNGKey(0), tokens.patches.shape) * 10
@@ -329,8 +333,7 @@ class TestTokenize:
 
   @pytest.mark.parametrize("kind", layout.KINDS)
   def test_to_rows_and_from_rows_round_trip(self, batch, kind):
-    plan = layout.plan(batch["counts"], layout.Layout(kind, capacity_step=8), num_tokens=N,
-                       groups=2)
+    plan = plan_of(batch, kind)
     tokens = tokenize(batch["frames"], batch["mask"], plan)
     x = np.random.RandomState(0).normal(size=(2, plan.length, 2, 3)).astype(np.float32)
     rows = np.asarray(layout.to_rows(jnp.asarray(x), tokens))
@@ -351,8 +354,7 @@ class TestTokenize:
   def test_gradients_of_to_rows_and_from_rows_are_those_of_plain_indexing(self, batch):
     """The backward of each is the other's gather (no scatter-add); it must equal the exact
     transpose of indexing with a zero padding slot, whatever the cotangent holds."""
-    plan = layout.plan(batch["counts"], layout.Layout("stream", capacity_step=8), num_tokens=N,
-                       groups=2)
+    plan = plan_of(batch, "stream")
     tokens = tokenize(batch["frames"], batch["mask"], plan)
     rng = np.random.RandomState(1)
     x = jnp.asarray(rng.normal(size=(2, plan.length, 3)), jnp.float32)
@@ -375,8 +377,7 @@ class TestTokenize:
   def test_the_train_step_of_the_stream_has_no_scatter(self, batch):
     """Scatter-adds (the transposes of gathers) serialise on a GPU when many padding entries
     add into one slot: the gradient of the stream layout must be gathers only."""
-    plan = layout.plan(batch["counts"], layout.Layout("stream", capacity_step=8), num_tokens=N,
-                       groups=2)
+    plan = plan_of(batch, "stream")
     model = vit.build(dataclasses.replace(SPEC, length_embedding=True), drop_path=0.1)
     params = model.init(jax.random.PRNGKey(0), full_tokens(batch["frames"][:1]))["params"]
 

@@ -10,10 +10,11 @@ import subprocess
 import sys
 import textwrap
 
+import ml_collections
 import pytest
 
 from rlt_jax import main
-from rlt_jax.runtime import console
+from rlt_jax.runtime import console, files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = """
@@ -110,7 +111,6 @@ def test_a_config_file_that_does_not_load_is_one_line_exit_2(tmp_path, text, exp
 
 
 def test_config_helpers_suggest_the_nearest_key():
-  import ml_collections
   config = ml_collections.ConfigDict({"lr": 1.0, "rlt": {"threshold": 0.1, "policy": "rlt"}})
   keys = main.config_keys(config)
   assert keys == ["lr", "rlt", "rlt.policy", "rlt.threshold"]
@@ -215,10 +215,7 @@ def test_setup_logging_sends_info_to_the_file_and_warnings_to_the_console(
   assert "saving step 10" in log and "slow disk" in log and "step 10/100" in log
 
 
-def test_the_log_file_is_never_opened_through_a_planted_link(tmp_path, clean_logging):
-  from rlt_jax.runtime import files
-  victim = tmp_path / "victim"
-  victim.write_text("precious")
+def test_the_log_file_is_never_opened_through_a_planted_link(tmp_path, clean_logging, victim):
   (tmp_path / "log.txt").symlink_to(victim)
   console.setup_logging(verbose=False)
   with pytest.raises(files.UnsafeWorkdir, match="is a symbolic link"):

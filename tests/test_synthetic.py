@@ -80,10 +80,8 @@ def test_a_folder_holding_something_else_is_never_replaced(tmp_path):
     synthetic.main(["--output_dir", str(out), "--train_videos", "2", "--val_videos", "1"])
 
 
-def test_no_write_follows_a_symlink_planted_at_a_temporary_name(tmp_path):
+def test_no_write_follows_a_symlink_planted_at_a_temporary_name(tmp_path, victim):
   """The old generator wrote classes.txt through `classes.txt.tmp` in the (shared /tmp) folder."""
-  victim = tmp_path / "victim"
-  victim.write_text("precious")
   out = tmp_path / "demo"
   synthetic.generate(str(out), **SMALL)
   for name in ("classes.txt.tmp", ".classes.txt.tmp", ".train.tfrecord-00000-of-00002.tmp"):

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlt_jax.data import input_pipeline, synthetic
+from rlt_jax.data import input_pipeline, synthetic, tfrecord
 from rlt_jax.models import vit
-from rlt_jax.runtime import sharding
+from rlt_jax.runtime import files, sharding
 from rlt_jax.training import augment, configure, optim, train
 import tiny_config
 
@@ -369,7 +370,6 @@ def test_damaged_checkpoints_fall_back_to_an_intact_one_or_stop_in_one_line(data
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused_and_touches_nothing(data_dir, tmp_path):
-  from rlt_jax.runtime import files
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "log.txt").write_text("the first run's log\n")
@@ -411,8 +411,6 @@ def test_a_refused_run_leaves_nothing_behind(data_dir, tmp_path, workdir, change
 
 
 def test_strict_data_stops_at_a_bad_record_in_one_line(data_dir, tmp_path):
-  import shutil
-  from rlt_jax.data import tfrecord
   copy = tmp_path / "data"
   shutil.copytree(data_dir, copy)
   for shard in copy.glob("train.tfrecord-*-of-*"):  # a flipped byte in every record's payload
