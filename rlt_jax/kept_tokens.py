@@ -4,12 +4,22 @@
         [--thresholds 0.05,0.1,0.2] [--save_png out.png] [--save_gif out.gif]
     python -m rlt_jax.kept_tokens --data '/data/k400/val.tfrecord-*' [--max_clips 1000]
     python -m rlt_jax.kept_tokens --frames clips.npy      # uint8 (N, T, H, W, 3)
+        [--reference run_start] [--train_batch 32]
+    python -m rlt_jax.kept_tokens sweep --frames clips.npy [--thresholds 0,0.05,…] \
+        [--target 0.5] [--variant B/16] [--save_png sweep.png] [--output sweep.json]
 
 A video gives one clip per num_frames × stride frames (at least one), placed as the release's
 test clips (short side image_size, centre crop); a dataset gives one centre view per video;
 --frames takes clips of any T × H × W that are multiples of the tubelet (2) and patch (16).
 For each τ: tokens kept per clip (a row each for a video), and over all clips the mean, p10,
-p50, p90 and a histogram of the kept fraction.
+p50, p90 and a histogram of the kept fraction. `--reference run_start` compares each tubelet
+with the start of its run (rlt.Policy); `--train_batch B` adds the share kept in training,
+after the release's Mixup/CutMix and erasing on batches of B, with the mask of the mixed clips
+(the release) and with each clip's own mask carried through the mixing (rlt.mask_before_mix).
+
+`sweep` chooses τ for a budget: the kept share (mean, p10, p90) and the ideal speedup of a
+model's blocks for each τ, a plot and JSON, and with `--target` the smallest τ that keeps at
+most that share.
 
 The pictures show the first clip at the first τ. The PNG has a column per tubelet: its first
 frame as decoded above its tokens; the GIF shows every frame beside its tokens. Dropped tokens
@@ -27,12 +37,16 @@ import os
 import sys
 import zipfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from rlt_jax import rlt
+from rlt_jax import layout, rlt
 from rlt_jax.data import input_pipeline, video
+from rlt_jax.models import vit
 from rlt_jax.runtime import files
+from rlt_jax.training import augment, recipes
 
 TUBELET, PATCH = 2, 16
 NUM_FRAMES, IMAGE_SIZE, STRIDE = 16, 224, 4  # the release's clips, for --video and --data
@@ -117,19 +131,19 @@ def parse_thresholds(text: str) -> list[float]:
   return thresholds
 
 
-def mask_at(clips: np.ndarray, threshold: float) -> np.ndarray:
+def mask_at(clips: np.ndarray, threshold: float, reference: str = "previous") -> np.ndarray:
   """RLT's keep mask (N, T', h, w) of uint8 clips at τ = `threshold`."""
   return rlt.keep_mask(rlt.normalize(np.asarray(clips)), threshold=threshold,
-                       tubelet_size=TUBELET, patch_size=PATCH)
+                       tubelet_size=TUBELET, patch_size=PATCH, reference=reference)
 
 
 def counts_at(clips: np.ndarray, threshold: float, chunk: int = 4,
-                padded: np.ndarray | None = None) -> np.ndarray:
+              padded: np.ndarray | None = None, reference: str = "previous") -> np.ndarray:
   """Tokens kept per clip, `chunk` clips at a time (the mask takes ~10× a clip's uint8
   bytes); tubelets marked in `padded` (clips, T') are left out."""
   counts = []
   for i in range(0, len(clips), chunk):
-    mask = mask_at(clips[i:i + chunk], threshold)
+    mask = mask_at(clips[i:i + chunk], threshold, reference)
     if padded is not None:
       mask = mask & ~padded[i:i + chunk, :, None, None]
     counts.append(mask.sum((1, 2, 3)))
@@ -355,9 +369,8 @@ def _geometry(args: argparse.Namespace) -> dict[str, int]:
   return sizes
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m rlt_jax.kept_tokens", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def _source_arguments(parser: argparse.ArgumentParser) -> None:
+  """The clips to look at and their geometry (shared by the statistics and the sweep)."""
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--video", help="a video file (mp4, webm, avi …)")
   source.add_argument("--data", help="TFRecord shards (glob)")
@@ -369,54 +382,85 @@ def main(argv: list[str] | None = None) -> None:
                       f"(default {IMAGE_SIZE})")
   parser.add_argument("--stride", type=int, help=f"--video/--data: take every stride-th frame "
                       f"(default {STRIDE})")
-  parser.add_argument("--thresholds", default="0.1", help="comma-separated τ values")
+  parser.add_argument("--reference", choices=rlt.REFERENCES, default="previous",
+                      help="what a tubelet is compared with (rlt.Policy reference)")
   parser.add_argument("--max_clips", type=int, default=1000, help="use at most this many clips")
+
+
+def _load(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+  """(clips, source frames or None, frame rate or None) as the arguments name them."""
+  sizes = _geometry(args)
+  if args.max_clips < 1:
+    raise ValueError(f"--max_clips {args.max_clips}: expected a positive integer")
+  name = args.video or args.data or args.frames
+  if (args.video or args.frames) and not os.path.isfile(name):
+    raise ValueError(f"{name}: no such file")
+  sources, rate = None, None
+  if args.frames:
+    clips = load_clips(args.frames)
+  elif args.video:
+    clips, sources = video_clips(args.video, **sizes)
+    rate = video.frame_rate(args.video)
+  else:
+    clips = data_clips(args.data, args.max_clips, **sizes)
+  check_clips(clips, name)
+  return clips[:args.max_clips], sources, rate
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["sweep"]:
+    return sweep_main(argv[1:])
+  parser = argparse.ArgumentParser(prog="python -m rlt_jax.kept_tokens", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  _source_arguments(parser)
+  parser.add_argument("--thresholds", default="0.1", help="comma-separated τ values")
+  parser.add_argument("--train_batch", type=int, help="also the share kept in training: the "
+                      "release's Mixup/CutMix and erasing on batches of this many clips, with "
+                      "the mask after them (the release) and carried from before them")
   parser.add_argument("--save_png", help="picture of the first clip's tokens at the first τ")
   parser.add_argument("--save_gif", help="the same, animated frame by frame")
   args = parser.parse_args(argv)
   name = args.video or args.data or args.frames
   try:
     thresholds = parse_thresholds(args.thresholds)
-    sizes = _geometry(args)
-    if args.max_clips < 1:
-      raise ValueError(f"--max_clips {args.max_clips}: expected a positive integer")
     _check_output(args.save_png, "--save_png")
     _check_output(args.save_gif, "--save_gif")
-    if (args.video or args.frames) and not os.path.isfile(name):
-      raise ValueError(f"{name}: no such file")
-    sources, rate = None, None
-    if args.frames:
-      clips = load_clips(args.frames)
-    elif args.video:
-      clips, sources = video_clips(args.video, **sizes)
-      rate = video.frame_rate(args.video)
-    else:
-      clips = data_clips(args.data, args.max_clips, **sizes)
-    check_clips(clips, name)
+    if args.train_batch is not None and args.train_batch < 2:
+      raise ValueError(f"--train_batch {args.train_batch}: expected ≥ 2 (clips mix in pairs)")
+    clips, sources, rate = _load(args)
   except (ValueError, OSError, video.VideoError) as e:
     sys.exit(f"error: {e}")
-  clips = clips[:args.max_clips]
   t, h, w = clips.shape[1:4]
   grid = rlt.token_grid(clips.shape, TUBELET, PATCH)
   per_tubelet, total = grid[1] * grid[2], math.prod(grid)
   padded = None if sources is None else padded_tubelets(sources[:len(clips)], grid[0])
   totals = np.full(len(clips), total) if padded is None else (~padded).sum(1) * per_tubelet
-  print(f"{len(clips)} clip(s) of {t} × {h}×{w} ({total} tokens each) from {name}")
+  print(f"{len(clips)} clip(s) of {t} × {h}×{w} ({total} tokens each) from {name}"
+        + ("" if args.reference == "previous" else ", runs compared with their start"))
   if padded is not None and padded.any():
     print(f"  the video is shorter than its clip: {int(padded.sum())} tubelet(s) past its end "
           "repeat the last frame; they are padding and left out of every count below")
   for threshold in thresholds:
-    kept = counts_at(clips, threshold, padded=padded)
+    kept = counts_at(clips, threshold, padded=padded, reference=args.reference)
     p10, p50, p90 = np.percentile(kept, [10, 50, 90])
     print(f"τ = {threshold:g}: {kept.mean():.0f} of {totals.mean():.0f} kept on average "
           f"({kept.sum() / totals.sum():.1%}); p10 {p10:.0f}, p50 {p50:.0f}, p90 {p90:.0f}")
     if args.video:
       print("  per clip: " + " ".join(str(int(k)) for k in kept))
     print("\n".join(histogram(kept / totals)))
+  if args.train_batch:
+    after, before, batches = train_time_fractions(clips, thresholds[0], args.reference,
+                                                  args.train_batch)
+    print(f"in training (τ = {thresholds[0]:g}, {batches} batch(es) of {args.train_batch} × 4 "
+          f"seeds, the release's Mixup/CutMix and erasing): {after:.1%} kept with the mask of "
+          f"the mixed clips (the release), {before:.1%} with each clip's mask carried through "
+          "the mixing (rlt.mask_before_mix)")
   if args.save_png or args.save_gif:
     clip = np.asarray(clips[0])
-    mask = mask_at(clip[None], thresholds[0])[0]
-    caption = f"clip 1 of {len(clips)} from {os.path.basename(name)}"
+    mask = mask_at(clip[None], thresholds[0], args.reference)[0]
+    caption = f"clip 1 of {len(clips)} from {os.path.basename(name)}" + (
+        "" if args.reference == "previous" else ", runs compared with their start")
     source = None if sources is None else Source(sources[0], rate)
   if args.save_png:
     with files.atomic_write(args.save_png, "wb") as f:
@@ -431,6 +475,164 @@ def main(argv: list[str] | None = None) -> None:
       images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=150,
                      loop=0)
     print(f"wrote {args.save_gif}")
+
+
+# ------------------------------------------------------------------------------------------
+# Training: the kept share after the release's augmentation, both ways.
+
+
+def train_time_fractions(clips: np.ndarray, threshold: float, reference: str, batch: int,
+                         seeds: int = 4) -> tuple[float, float, int]:
+  """(share kept with the mask after mixing, share kept with masks carried from before it,
+  batches): the release's recipe (Mixup 0.8 / CutMix 1.0, switch 0.5, erasing 0.25) on the
+  clips in batches of `batch` (in their order), each with `seeds` draws of the augmentation."""
+  recipe = recipes.base().augment
+  aug = augment.Augment(num_classes=1, **recipe)
+  policy = rlt.Policy("rlt", threshold, reference=reference)
+  count = len(clips) // batch
+  after = before = 0
+  for i in range(count):
+    frames = rlt.normalize(jnp.asarray(clips[i * batch:(i + 1) * batch]))
+    grid = rlt.token_grid(frames.shape, TUBELET, PATCH)
+    sources = rlt.select(frames, policy, tubelet_size=TUBELET, patch_size=PATCH)
+    for seed in range(seeds):
+      mix_key, erase_key = jax.random.split(jax.random.PRNGKey(seed))
+      mixed, _, mixing = augment.mix(mix_key, frames, jnp.zeros(batch, jnp.int32), aug)
+      mixed, erased = augment.erase(erase_key, mixed, aug)
+      after += int(rlt.select(mixed, policy, tubelet_size=TUBELET, patch_size=PATCH).sum())
+      before += int(augment.carry_mask(sources.reshape(-1, *grid), mixing, erased,
+                                       patch_size=PATCH).sum())
+  tokens = max(count * seeds * batch * math.prod(grid), 1)
+  return after / tokens, before / tokens, count
+
+
+# ------------------------------------------------------------------------------------------
+# Choosing τ for a budget.
+
+SWEEP_THRESHOLDS = "0,0.025,0.05,0.075,0.1,0.15,0.2,0.3,0.4,0.5"
+
+
+def sweep(clips: np.ndarray, thresholds: list[float], *, reference: str = "previous",
+          variant: str = "B/16") -> list[dict]:
+  """Per τ: the kept share (pooled mean, and p10 / p90 of the clips' shares) and the ideal
+  speedup of `variant`'s blocks (FLOPs of every clip's own tokens against all tokens)."""
+  width, _, _, mlp_dim, _ = vit.VARIANTS[variant]
+  total = math.prod(rlt.token_grid(clips.shape, TUBELET, PATCH))
+  rows = []
+  for threshold in thresholds:
+    kept = counts_at(clips, threshold, reference=reference)
+    share = kept / total
+    rows.append({"threshold": threshold, "kept_mean": float(kept.sum() / (total * len(kept))),
+                 "kept_p10": float(np.percentile(share, 10)),
+                 "kept_p90": float(np.percentile(share, 90)),
+                 "ideal_speedup": 1 / layout.ideal_flops_ratio(kept, total, width, mlp_dim)})
+  return rows
+
+
+def threshold_for(clips: np.ndarray, target: float, *, reference: str = "previous",
+                  tolerance: float = 1e-4) -> tuple[float, float]:
+  """(τ, kept share): the smallest τ at which the clips keep at most `target` of their tokens
+  (the share falls as τ grows; bisection to `tolerance`)."""
+  grid = rlt.token_grid(clips.shape, TUBELET, PATCH)
+  total = len(clips) * math.prod(grid)
+  share = lambda tau: float(counts_at(clips, tau, reference=reference).sum()) / total
+  floor = 1 / grid[0]  # the first tubelet is always kept, whatever τ
+  if target < floor:
+    raise ValueError(f"--target {target}: even τ = ∞ keeps {floor:.1%} (every clip's first "
+                     "tubelet); expected a share at least that")
+  low, high = 0.0, 1.0
+  while share(high) > target:  # a change score is at most a few units (normalised pixels)
+    low, high = high, 2 * high
+  while high - low > tolerance:
+    middle = (low + high) / 2
+    low, high = (middle, high) if share(middle) > target else (low, middle)
+  return high, share(high)
+
+
+def plot(rows: list[dict], title: str) -> np.ndarray:
+  """A PNG-ready picture (RGB uint8): the kept share against τ (mean line, p10–p90 band) and
+  the ideal speedup (second axis)."""
+  width, height, left, right, top, bottom = 640, 420, 60, 60, 64, 50
+  image = Image.new("RGB", (width, height), "white")
+  draw, font = ImageDraw.Draw(image), _font(12)
+  taus = [r["threshold"] for r in rows]
+  top_speed = max(r["ideal_speedup"] for r in rows) * 1.1
+  x = lambda tau: left + (width - left - right) * (tau - taus[0]) / max(taus[-1] - taus[0], 1e-9)
+  y = lambda share: top + (height - top - bottom) * (1 - share)
+  y2 = lambda speed: top + (height - top - bottom) * (1 - speed / top_speed)
+  band = [(x(r["threshold"]), y(r["kept_p90"])) for r in rows] + [
+      (x(r["threshold"]), y(r["kept_p10"])) for r in reversed(rows)]
+  draw.polygon(band, fill=(200, 215, 240))
+  draw.line([(x(r["threshold"]), y(r["kept_mean"])) for r in rows], fill=(30, 70, 180), width=3)
+  draw.line([(x(r["threshold"]), y2(r["ideal_speedup"])) for r in rows], fill=(200, 60, 40),
+            width=2)
+  draw.rectangle((left, top, width - right, height - bottom), outline=0)
+  for k in range(6):  # left axis: share kept
+    share = k / 5
+    draw.text((left - 38, y(share) - 7), f"{share:.0%}", fill=(30, 70, 180), font=font)
+    speed = top_speed * k / 5
+    draw.text((width - right + 6, y2(speed) - 7), f"{speed:.1f}x", fill=(200, 60, 40), font=font)
+  last = -math.inf
+  for r in rows:  # τ labels where they do not crowd each other
+    if x(r["threshold"]) - last >= 36:
+      draw.text((x(r["threshold"]) - 10, height - bottom + 6), f"{r['threshold']:g}", fill=0,
+                font=font)
+      last = x(r["threshold"])
+  draw.text((width // 2 - 10, height - 22), "tau", fill=0, font=font)
+  draw.text((left, 10), title, fill=0, font=_font(14))
+  draw.text((left, 30), "kept share (left axis): mean (line), p10-p90 of the clips (band)",
+            fill=(30, 70, 180), font=font)
+  draw.text((left, 46), "ideal speedup (right axis)", fill=(200, 60, 40), font=font)
+  return np.asarray(image)
+
+
+def sweep_main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(
+      prog="python -m rlt_jax.kept_tokens sweep",
+      description="The kept share and the ideal speedup over a range of τ, and the τ that meets "
+                  "a target share: for choosing τ on your own video.")
+  _source_arguments(parser)
+  parser.add_argument("--thresholds", default=SWEEP_THRESHOLDS, help="comma-separated τ values")
+  parser.add_argument("--target", type=float, help="also the smallest τ keeping at most this "
+                      "share of tokens (e.g. 0.5)")
+  parser.add_argument("--variant", default="B/16", choices=sorted(vit.VARIANTS),
+                      help="the model whose FLOPs give the ideal speedup")
+  parser.add_argument("--save_png", help="plot of the sweep")
+  parser.add_argument("--output", help="the sweep as JSON")
+  args = parser.parse_args(argv)
+  name = args.video or args.data or args.frames
+  try:
+    thresholds = sorted(parse_thresholds(args.thresholds))
+    if args.target is not None and not 0 < args.target <= 1:
+      raise ValueError(f"--target {args.target}: expected a share in (0, 1]")
+    _check_output(args.save_png, "--save_png")
+    _check_output(args.output, "--output")
+    clips, _, _ = _load(args)
+    rows = sweep(clips, thresholds, reference=args.reference, variant=args.variant)
+    target = (threshold_for(clips, args.target, reference=args.reference)
+              if args.target is not None else None)
+  except (ValueError, OSError, video.VideoError) as e:
+    sys.exit(f"error: {e}")
+  print(f"{len(clips)} clip(s) from {name}; {args.variant}'s ideal speedup; runs compared with "
+        f"{'the previous tubelet' if args.reference == 'previous' else 'their start'}")
+  print(f"{'tau':>6s} {'kept':>7s} {'p10':>7s} {'p90':>7s} {'ideal':>7s}")
+  for r in rows:
+    print(f"{r['threshold']:6g} {r['kept_mean']:7.1%} {r['kept_p10']:7.1%} {r['kept_p90']:7.1%} "
+          f"{r['ideal_speedup']:6.2f}x")
+  result = {"source": name, "clips": len(clips), "reference": args.reference,
+            "variant": args.variant, "rows": rows}
+  if target is not None:
+    result["target"] = {"share": args.target, "threshold": target[0], "kept": target[1]}
+    print(f"τ = {target[0]:.4g} keeps {target[1]:.1%} (target: at most {args.target:.1%}); "
+          f"train with --config.rlt.threshold={target[0]:.4g}")
+  if args.save_png:
+    with files.atomic_write(args.save_png, "wb") as f:
+      Image.fromarray(plot(rows, f"RLT on {os.path.basename(name)} ({len(clips)} clips)")).save(
+          f, format="PNG")
+    print(f"wrote {args.save_png}")
+  if args.output:
+    files.write_json(args.output, result)
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

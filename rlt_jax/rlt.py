@@ -3,8 +3,9 @@
 The rule is the official release's, token for token (docs/rlt.md): tubelet j at patch (y, x)
 is kept when the mean absolute difference between frame (j+1)·ts−1 and frame (j−1)·ts over
 that patch exceeds τ (strictly); the first tubelet is always kept. Policies: 'none' (every
-token), 'rlt' (that rule), 'random' (round(N·p) uniformly random tokens per clip, the paper's
-baseline). *How* the kept tokens are laid out in static shapes is `layout.py`'s job.
+token), 'rlt' (that rule; or, with reference='run_start', the same test against the start of
+the token's run, which slow drift cannot slip past), 'random' (round(N·p) uniformly random
+tokens per clip, the paper's baseline). *How* the kept tokens are laid out in static shapes is `layout.py`'s job.
 
 `normalize`, `keep_mask`, `change_scores` and `run_lengths` accept numpy arrays (host side, e.g.
 the input pipeline's sorting counts) as well as jax arrays (inside jit); `select` runs in jit.
@@ -56,27 +57,58 @@ def token_grid(shape: Sequence[int], tubelet_size: int, patch_size: int) -> tupl
   return t // tubelet_size, h // patch_size, w // patch_size
 
 
-def change_scores(frames: Array, *, tubelet_size: int = 2, patch_size: int = 16) -> Array:
+REFERENCES = ("previous", "run_start")
+
+
+def _patches(frames: Array, t: int, patch_size: int) -> Array:
+  """Frame t of every clip as patches (B, h, w, p·p·3), float32."""
+  xp = _xp(frames)
+  b, _, hh, ww, c = frames.shape
+  x = frames[:, t].astype(xp.float32).reshape(b, hh // patch_size, patch_size,
+                                                ww // patch_size, patch_size, c)
+  return xp.moveaxis(x, 2, 3).reshape(b, hh // patch_size, ww // patch_size, -1)
+
+
+def change_scores(frames: Array, *, tubelet_size: int = 2, patch_size: int = 16,
+                  reference: str = "previous", threshold: float | None = None) -> Array:
   """Per-token change score (B, T', h, w), float32; +inf for the always-kept first tubelet.
 
-  Score of tubelet j ≥ 1 = mean |X[(j+1)·ts − 1] − X[(j−1)·ts]| over the patch's pixels and
-  channels, on normalised frames (B, T, H, W, 3).
+  'previous' (the release): score of tubelet j ≥ 1 = mean |X[(j+1)·ts − 1] − X[(j−1)·ts]| over
+  the patch's pixels and channels, on normalised frames (B, T, H, W, 3). 'run_start': the same
+  difference, but against frame s·ts of the tubelet s that started the current run (the frame
+  the run's one token carries); s moves to j whenever tubelet j's score exceeds `threshold`
+  (needed, since the reference depends on it). With s = j − 1 the two agree.
   """
   xp = _xp(frames)
+  if reference not in REFERENCES:
+    raise ValueError(f"rlt.reference={reference!r}: expected one of {REFERENCES}")
   tt, h, w = token_grid(frames.shape, tubelet_size, patch_size)
-  x = frames.astype(xp.float32)
-  last = x[:, 2 * tubelet_size - 1::tubelet_size]  # frames (j+1)·ts − 1, j = 1 … T'−1
-  first = x[:, 0:(tt - 1) * tubelet_size:tubelet_size]  # frames (j−1)·ts
-  diff = xp.abs(last - first).reshape(x.shape[0], tt - 1, h, patch_size, w, patch_size, 3)
-  scores = diff.mean(axis=(3, 5, 6))
-  head = xp.full((x.shape[0], 1, h, w), xp.inf, xp.float32)
-  return xp.concatenate([head, scores.astype(xp.float32)], axis=1)
+  head = xp.full((frames.shape[0], 1, h, w), xp.inf, xp.float32)
+  if reference == "previous":
+    x = frames.astype(xp.float32)
+    last = x[:, 2 * tubelet_size - 1::tubelet_size]  # frames (j+1)·ts − 1, j = 1 … T'−1
+    first = x[:, 0:(tt - 1) * tubelet_size:tubelet_size]  # frames (j−1)·ts
+    diff = xp.abs(last - first).reshape(x.shape[0], tt - 1, h, patch_size, w, patch_size, 3)
+    scores = diff.mean(axis=(3, 5, 6))
+    return xp.concatenate([head, scores.astype(xp.float32)], axis=1)
+  if threshold is None:
+    raise ValueError("reference='run_start' needs the threshold: a run restarts where the "
+                     "change from its start exceeds it")
+  start = _patches(frames, 0, patch_size)  # the frame each patch's current run started at
+  scores = [head[:, 0]]
+  for j in range(1, tt):  # T' is small and static: a loop that jit unrolls
+    score = xp.abs(_patches(frames, (j + 1) * tubelet_size - 1, patch_size) - start).mean(-1)
+    restart = score > threshold
+    start = xp.where(restart[..., None], _patches(frames, j * tubelet_size, patch_size), start)
+    scores.append(score.astype(xp.float32))
+  return xp.stack(scores, axis=1)
 
 
 def keep_mask(frames: Array, *, threshold: float = 0.1, tubelet_size: int = 2,
-              patch_size: int = 16) -> Array:
+              patch_size: int = 16, reference: str = "previous") -> Array:
   """RLT keep mask, bool (B, T', h, w): score > τ (strict), first tubelet always kept."""
-  return change_scores(frames, tubelet_size=tubelet_size, patch_size=patch_size) > threshold
+  return change_scores(frames, tubelet_size=tubelet_size, patch_size=patch_size,
+                       reference=reference, threshold=threshold) > threshold
 
 
 def run_lengths(mask: Array) -> Array:
@@ -125,15 +157,20 @@ class Policy:
   kind: 'none' | 'rlt' | 'random'. threshold: τ for 'rlt', on ImageNet-normalised pixels.
   keep_fraction: p for 'random'. max_tokens: an explicit, lossy cap: a clip that keeps more
     keeps its `max_tokens` most-changed tokens (None: never drop a kept token).
+  reference: what a tubelet is compared with: 'previous' (the release: the previous tubelet)
+    or 'run_start' (the start of its run, so that slow drift cannot hide; docs/rlt.md).
   """
   kind: str = "none"
   threshold: float = 0.1
   keep_fraction: float = 0.5
   max_tokens: int | None = None
+  reference: str = "previous"
 
   def __post_init__(self):
     if self.kind not in POLICIES:
       raise ValueError(f"rlt.policy={self.kind!r}: expected one of {POLICIES}")
+    if self.reference not in REFERENCES:
+      raise ValueError(f"rlt.reference={self.reference!r}: expected one of {REFERENCES}")
     if not (math.isfinite(self.threshold) and self.threshold >= 0):
       raise ValueError(f"rlt.threshold={self.threshold!r}: expected a finite number ≥ 0")
     if self.kind == "random":
@@ -157,7 +194,8 @@ def select(frames: jax.Array, policy: Policy, *, tubelet_size: int, patch_size: 
       raise ValueError("rlt.policy='random' needs an rng")
     mask = random_mask(rng, batch, grid, policy.keep_fraction).reshape(batch, -1)
   elif policy.kind == "rlt" or policy.max_tokens is not None:
-    scores = change_scores(frames, tubelet_size=tubelet_size, patch_size=patch_size)
+    scores = change_scores(frames, tubelet_size=tubelet_size, patch_size=patch_size,
+                           reference=policy.reference, threshold=policy.threshold)
     scores = scores.reshape(batch, -1)
     mask = scores > policy.threshold if policy.kind == "rlt" else jnp.ones(scores.shape, bool)
     if policy.max_tokens is not None and policy.max_tokens < mask.shape[1]:
@@ -186,7 +224,7 @@ def kept_counts(frames: np.ndarray, policy: Policy, *, tubelet_size: int,
   num = math.prod(token_grid(frames.shape, tubelet_size, patch_size))
   if policy.kind == "rlt":
     mask = keep_mask(normalize(frames), threshold=policy.threshold, tubelet_size=tubelet_size,
-                     patch_size=patch_size)
+                     patch_size=patch_size, reference=policy.reference)
     counts = mask.reshape(len(frames), -1).sum(-1)
   elif policy.kind == "random":
     counts = np.full(len(frames), random_keep_count(num, policy.keep_fraction))

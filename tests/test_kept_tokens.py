@@ -1,5 +1,6 @@
 """kept_tokens.py: tokens kept per τ for a video, dataset or clips, the pictures, and refusals."""
 
+import json
 import os
 import subprocess
 import sys
@@ -244,3 +245,58 @@ def test_a_video_shorter_than_its_clip_marks_the_padding_and_leaves_it_out(tmp_p
   assert heading[0] == f"RLT at tau = 0.1: {kept} of {real} tokens kept ({kept / real:.1%})"
   assert "last 3 tubelet(s) repeat the last frame" in heading[2]
   assert png.is_file()
+
+
+def drifting_clips(size=64, frames=16):
+  """uint8 clips: a still texture whose top-left 32² slowly brightens (1 level a frame)."""
+  base = np.random.RandomState(0).randint(40, 200, (1, 1, size, size, 3))
+  clips = np.repeat(base, frames, axis=1).astype(np.int32)
+  clips[:, :, :32, :32] += np.arange(frames)[None, :, None, None, None]
+  return clips.astype(np.uint8)
+
+
+def test_the_run_start_reference_counts_the_drift_the_release_misses(tmp_path, capsys):
+  path = tmp_path / "drift.npy"
+  np.save(path, drifting_clips())
+  kept_tokens.main(["--frames", str(path), "--thresholds", "0.06"])
+  previous = capsys.readouterr().out
+  kept_tokens.main(["--frames", str(path), "--thresholds", "0.06", "--reference", "run_start"])
+  run_start = capsys.readouterr().out
+  assert "runs compared with their start" in run_start
+  count = lambda out: int(out.split("τ = 0.06: ")[1].split(" of")[0])
+  assert count(previous) == 16 and count(run_start) > count(previous)  # tubelet 0 only
+
+
+def test_the_training_share_is_given_both_ways(tmp_path, capsys):
+  path = tmp_path / "clips.npy"
+  np.save(path, np.concatenate([drifting_clips(), moving_square()[None].repeat(2, 1)
+                                [:, :16].repeat(1, 0)[:1].repeat(1, 0)]))
+  clips = np.load(path)
+  after, before, batches = kept_tokens.train_time_fractions(clips, 0.1, "previous", 2)
+  assert batches == 1 and 0 < after <= 1 and 0 < before <= 1
+  kept_tokens.main(["--frames", str(path), "--train_batch", "2"])
+  out = capsys.readouterr().out
+  assert f"{after:.1%} kept with the mask of the mixed clips (the release), {before:.1%}" in out
+
+
+def test_a_sweep_gives_shares_that_fall_with_tau_and_the_tau_of_a_target(tmp_path, capsys):
+  clips = np.stack([drifting_clips()[0], moving_square(frames=16)])
+  rows = kept_tokens.sweep(clips, [0.0, 0.05, 0.1, 0.3], variant="S/16")
+  shares = [r["kept_mean"] for r in rows]
+  assert shares == sorted(shares, reverse=True)
+  assert [r["ideal_speedup"] for r in rows] == sorted(r["ideal_speedup"] for r in rows)
+  assert all(r["kept_p10"] <= r["kept_mean"] <= r["kept_p90"] for r in rows)
+  tau, share = kept_tokens.threshold_for(clips, 0.3)
+  total = len(clips) * 64
+  assert share <= 0.3 < kept_tokens.counts_at(clips, tau - 2e-4).sum() / total  # the smallest
+  path = tmp_path / "clips.npy"
+  np.save(path, clips)
+  kept_tokens.main(["sweep", "--frames", str(path), "--target", "0.3", "--save_png",
+                    str(tmp_path / "s.png"), "--output", str(tmp_path / "s.json")])
+  out = capsys.readouterr().out
+  assert f"τ = {tau:.4g} keeps {share:.1%}" in out
+  saved = json.loads((tmp_path / "s.json").read_text())
+  assert saved["target"]["threshold"] == tau and len(saved["rows"]) == 10
+  assert Image.open(tmp_path / "s.png").size == (640, 420)
+  with pytest.raises(SystemExit, match="even τ = ∞ keeps"):  # below the first tubelets
+    kept_tokens.main(["sweep", "--frames", str(path), "--target", "0.01"])

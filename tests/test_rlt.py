@@ -90,6 +90,50 @@ class TestKeepMask:
       rlt.keep_mask(np.zeros((1, 4, 30, 32, 3), np.float32))
 
 
+def drifting_patch(step, frames=16, size=32):
+  """Normalised clips (1, frames, size, size, 3): still zeros, but patch (0, 0) (16 × 16)
+  brightens by `step` every frame, so it drifts steadily."""
+  clip = np.zeros((1, frames, size, size, 3), np.float32)
+  clip[0, :, :16, :16] = step * np.arange(frames)[:, None, None, None]
+  return clip
+
+
+class TestDriftFreeRuns:
+  """reference='run_start': a tubelet is compared with the start of its run, not only with
+  its predecessor (docs/rlt.md, "Drift-free runs")."""
+
+  def test_slow_drift_is_dropped_by_the_release_and_kept_when_it_adds_up(self):
+    clip = drifting_patch(0.03)  # 3 frames apart per compared pair: 0.09 < τ = 0.1
+    previous = rlt.keep_mask(clip, threshold=0.1)[0, :, 0, 0]
+    run_start = rlt.keep_mask(clip, threshold=0.1, reference="run_start")[0, :, 0, 0]
+    assert previous.tolist() == [True] + [False] * 7  # one token for the whole drift
+    assert run_start.tolist() == [True, False, True, False, True, False, True, False]
+    # each kept token starts a run when the change since the last one's frame exceeds τ:
+    # tubelet 2's last frame (5) is 5 × 0.03 = 0.15 from frame 0, where the first run began
+    scores = rlt.change_scores(clip, reference="run_start", threshold=0.1)[0, :, 0, 0]
+    np.testing.assert_allclose(scores[1:4], [0.09, 0.15, 0.09], rtol=1e-6)
+    assert (rlt.run_lengths(run_start[None, :, None, None])[0, :, 0, 0] == [2, 0] * 4).all()
+    assert not rlt.keep_mask(clip, reference="run_start")[0, 1:, 1:, 1:].any()  # still parts
+
+  def test_it_is_the_release_rule_wherever_every_tubelet_is_kept_or_nothing_moves(self):
+    rng = np.random.default_rng(0)
+    busy = rng.normal(size=(2, 8, 32, 32, 3)).astype(np.float32)  # everything changes
+    still = np.repeat(busy[:, :1], 8, axis=1)
+    for frames in (busy, still):
+      np.testing.assert_array_equal(rlt.keep_mask(frames, reference="run_start"),
+                                    rlt.keep_mask(frames))
+
+  def test_numpy_and_jit_agree(self):
+    clip = np.concatenate([drifting_patch(0.03), drifting_patch(0.07)])
+    jitted = jax.jit(lambda f: rlt.keep_mask(f, threshold=0.1, reference="run_start"))
+    np.testing.assert_array_equal(np.asarray(jitted(jnp.asarray(clip))),
+                                  rlt.keep_mask(clip, threshold=0.1, reference="run_start"))
+
+  def test_run_start_needs_the_threshold(self):
+    with pytest.raises(ValueError, match="needs the threshold"):
+      rlt.change_scores(drifting_patch(0.03), reference="run_start")
+
+
 class TestRunLengths:
 
   def test_hand_worked_column(self):
@@ -197,7 +241,8 @@ class TestSelect:
   @pytest.mark.parametrize("policy", [rlt.Policy("none"), rlt.Policy("rlt"),
                                       rlt.Policy("random", keep_fraction=0.4),
                                       rlt.Policy("rlt", max_tokens=20),
-                                      rlt.Policy("none", max_tokens=20)])
+                                      rlt.Policy("none", max_tokens=20),
+                                      rlt.Policy("rlt", reference="run_start")])
   def test_host_counts_equal_the_device_masks(self, policy):
     rng = np.random.RandomState(0)
     frames = np.repeat(rng.randint(0, 256, (4, 1, 64, 64, 3)), 8, axis=1).astype(np.uint8)
@@ -217,6 +262,7 @@ class TestSelect:
       (dict(kind="random", keep_fraction=1.5), "keep_fraction"),
       (dict(max_tokens=0), "rlt.max_tokens=0"),
       (dict(max_tokens=2.5), "rlt.max_tokens=2.5"),
+      (dict(reference="first"), "rlt.reference='first': expected one of"),
   ])
   def test_policy_errors_name_the_field(self, fields, match):
     with pytest.raises(ValueError, match=match):

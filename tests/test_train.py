@@ -131,26 +131,10 @@ def test_the_schedule_warms_up_then_decays_to_the_scaled_minimum():
   assert float(lr(100)) == pytest.approx(1e-6 * 2, rel=1e-3)
 
 
-def test_mixing_keeps_targets_normalised_and_cutmix_boxes_cover_every_frame():
-  frames = jnp.stack([jnp.zeros((4, 16, 16, 3)), jnp.ones((4, 16, 16, 3))])
-  config = augment.Augment(num_classes=5, mixup_alpha=0.0, cutmix_alpha=1.0)
-  mixed, targets = augment.mix(jax.random.PRNGKey(3), frames, jnp.array([0, 1]), config)
-  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
-  area = float(mixed[0, 0, ..., 0].mean())  # clip 0 (zeros) got a box of ones
-  np.testing.assert_allclose(targets[0, 1], area * 0.9 + 0.02, rtol=1e-5)
-  for t in range(4):
-    np.testing.assert_array_equal(mixed[0, t], mixed[0, 0])
-  erased = augment.erase(jax.random.PRNGKey(0), frames,
-                         augment.Augment(num_classes=5, erase_prob=1.0))
-  assert not np.array_equal(erased, frames)
-  for t in range(4):  # the noise is static over time, so RLT keeps it once
-    np.testing.assert_array_equal(erased[:, t], erased[:, 0])
-
-
 # ------------------------------------------------------------------ sharding
 
 
-def one_step(mesh, config, batch):
+def one_step(mesh, config, batch, mask_before_mix=False):
   spec = configure.model_spec(config)
   model = configure.build_model(config, spec, train=True)
   rng = jax.random.PRNGKey(0)
@@ -162,7 +146,8 @@ def one_step(mesh, config, batch):
   shardings = sharding.tree_shardings(mesh, state, min_size=16)
   step = train.TrainStep(model, tx, lr, augment.Augment(num_classes=8),
                          configure.token_policy(config),
-                         configure.token_layout(config), config.grad_accum_steps, mesh, shardings)
+                         configure.token_layout(config), config.grad_accum_steps, mesh, shardings,
+                         mask_before_mix=mask_before_mix)
   state, metrics = step(jax.device_put(state, shardings), sharding.global_batch(mesh, batch))
   return jax.device_get(state), jax.device_get(metrics), shardings, step
 
@@ -187,6 +172,22 @@ def test_a_step_sharded_over_data_and_fsdp_equals_the_step_on_one_device(accum, 
   assert m8["tokens_kept"] == m1["tokens_kept"] < 8
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          sharded["params"], single["params"])
+
+
+def test_masks_before_or_after_mixing_are_both_counted_and_either_can_be_trained_on():
+  config = tiny_config.get_config("unused")
+  rng = np.random.default_rng(4)
+  batch = {"frames": rng.integers(0, 255, (8, 4, 32, 32, 3), np.uint8),
+           "label": rng.integers(0, 8, 8).astype(np.int32), "valid": np.ones(8, bool)}
+  batch["frames"][:4] = batch["frames"][:4, :1]  # half the clips still: mixing changes counts
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  results = {flag: one_step(mesh, config, batch, mask_before_mix=flag)[1] for flag in (0, 1)}
+  for flag, m in results.items():  # the step trains on the rule it was given …
+    rule = "before" if flag else "after"
+    assert m["tokens_kept"] == m[f"tokens_kept_mask_{rule}_mix"]
+  for key in ("tokens_kept_mask_before_mix", "tokens_kept_mask_after_mix"):  # … reports both
+    assert results[0][key] == results[1][key]
+  assert results[0]["tokens_kept_mask_before_mix"] != results[0]["tokens_kept_mask_after_mix"]
 
 
 def test_the_stream_layout_trains_exactly_like_padded_rows():
@@ -261,6 +262,9 @@ def test_fsdp_splits_big_arrays_along_a_divisible_dimension():
     (lambda c: c.layout.update(kind="packed"), r"config.layout: .*kind='packed'"),
     (lambda c: c.layout.update(shapes=-1), r"config.layout.shapes=-1: expected an integer ≥ 0"),
     (lambda c: c.optim.update(lr=float("nan")), r"config.optim.lr=nan: expected a finite"),
+    (lambda c: c.rlt.update(reference="first"), r"config.rlt: rlt.reference='first'"),
+    (lambda c: c.rlt.update(mask_before_mix=True, max_tokens=4),
+     r"config.rlt.mask_before_mix=True with config.rlt.max_tokens"),
     (lambda c: c.optim.update(lr=0.0), r"config.optim.lr=0.0: expected > 0"),
     (lambda c: c.augment.update(mixup_alpha=float("inf")), r"config.augment.mixup_alpha=inf"),
     (lambda c: c.data.update(stride=0), r"config.data.stride=0: expected a positive number"),

@@ -4,13 +4,15 @@ Mixup / CutMix per batch (each clip mixed with the batch reversed; one λ per ba
 box covers every frame, and λ is corrected to the box's true area), label smoothing, and random
 erasing ('pixel' mode: one box per clip, filled with N(0, 1) noise that is the same on every
 frame, so an erased area is static and RLT keeps it once). RLT's mask is computed afterwards,
-on what the model sees.
+on what the model sees, as in the release; or, with `carry_mask`, before them and carried
+through them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,17 +53,27 @@ def _inside(y0, y1, x0, x1, height: int, width: int) -> jax.Array:
   return (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
 
 
+class Mixing(NamedTuple):
+  """What `mix` did, for keep masks computed before it (`carry_mask`): whether it mixed, with
+  CutMix or Mixup, and CutMix's box (H, W) of pixels taken from the reversed batch."""
+  applied: jax.Array
+  cutmix: jax.Array
+  box: jax.Array
+
+
 def mix(rng: jax.Array, frames: jax.Array, labels: jax.Array, config: Augment
-        ) -> tuple[jax.Array, jax.Array]:
-  """(frames, soft targets): Mixup or CutMix with the reversed batch, then label smoothing."""
+        ) -> tuple[jax.Array, jax.Array, Mixing]:
+  """(frames, soft targets, what was done): Mixup or CutMix with the reversed batch, then
+  label smoothing."""
   targets = smooth_one_hot(labels, config.num_classes, config.label_smoothing)
+  height, width = frames.shape[2:4]
   if not (config.mixup_alpha or config.cutmix_alpha) or not config.mix_prob:
-    return frames, targets
+    return frames, targets, Mixing(jnp.bool_(False), jnp.bool_(False),
+                                   jnp.zeros((height, width), bool))
   apply_key, switch_key, mixup_key, cutmix_key, box_key = jax.random.split(rng, 5)
   apply = jax.random.uniform(apply_key) < config.mix_prob
   use_cutmix = (jax.random.uniform(switch_key) < config.switch_prob if config.mixup_alpha
                 else jnp.bool_(True)) if config.cutmix_alpha else jnp.bool_(False)
-  height, width = frames.shape[2:4]
   lam_cutmix = jax.random.beta(cutmix_key, config.cutmix_alpha or 1.0, config.cutmix_alpha or 1.0)
   y0, y1, x0, x1 = _box(box_key, height, width, jnp.sqrt(1.0 - lam_cutmix))
   inside = _inside(y0, y1, x0, x1, height, width)
@@ -72,14 +84,15 @@ def mix(rng: jax.Array, frames: jax.Array, labels: jax.Array, config: Augment
   mixed = jnp.where(use_cutmix, jnp.where(inside[None, None, :, :, None], other, frames),
                     lam * frames + (1.0 - lam) * other)
   frames = jnp.where(apply, mixed, frames)
-  return frames, lam * targets + (1.0 - lam) * targets[::-1]
+  return frames, lam * targets + (1.0 - lam) * targets[::-1], Mixing(apply, use_cutmix, inside)
 
 
-def erase(rng: jax.Array, frames: jax.Array, config: Augment) -> jax.Array:
-  """Random erasing: with probability erase_prob, one box per clip of N(0, 1) noise."""
-  if not config.erase_prob:
-    return frames
+def erase(rng: jax.Array, frames: jax.Array, config: Augment) -> tuple[jax.Array, jax.Array]:
+  """Random erasing: with probability erase_prob, one box per clip of N(0, 1) noise, the same
+  on every frame. Returns the frames and each clip's erased pixels (B, H, W)."""
   _, _, height, width, channels = frames.shape
+  if not config.erase_prob:
+    return frames, jnp.zeros((frames.shape[0], height, width), bool)
 
   def one(key, clip):
     p_key, area_key, aspect_key, y_key, x_key, noise_key = jax.random.split(key, 6)
@@ -95,6 +108,36 @@ def erase(rng: jax.Array, frames: jax.Array, config: Augment) -> jax.Array:
     inside = _inside(top, top + h, left, left + w, height, width)
     inside &= jax.random.uniform(p_key) < config.erase_prob
     noise = jax.random.normal(noise_key, (height, width, channels), clip.dtype)
-    return jnp.where(inside[None, :, :, None], noise[None], clip)
+    return jnp.where(inside[None, :, :, None], noise[None], clip), inside
 
   return jax.vmap(one)(jax.random.split(rng, frames.shape[0]), frames)
+
+
+def _coverage(pixels: jax.Array, patch_size: int) -> tuple[jax.Array, jax.Array]:
+  """Patches (..., h, w) wholly and partly covered by a pixel mask (..., H, W)."""
+  *lead, height, width = pixels.shape
+  cells = pixels.reshape(*lead, height // patch_size, patch_size, width // patch_size,
+                         patch_size)
+  return cells.all(axis=(-3, -1)), cells.any(axis=(-3, -1))
+
+
+def carry_mask(mask: jax.Array, mixing: Mixing, erased: jax.Array, *,
+               patch_size: int) -> jax.Array:
+  """The keep mask (B, T', h, w) of the mixed and erased clips, from each source clip's own
+  mask (B, T', h, w) before `mix` and `erase` (config rlt.mask_before_mix; docs/rlt.md):
+
+  - Mixup: a token is kept if either of its two source clips keeps it;
+  - CutMix: a patch wholly inside the box takes the other clip's decision, one wholly outside
+    keeps its own, one on the box's edge is kept if either keeps it;
+  - random erasing: a patch wholly inside the erased box holds the same noise on every frame,
+    so only its first tubelet is kept (as the rule gives on the erased clip); a patch partly
+    inside keeps the decision above.
+  """
+  other = mask[::-1]
+  either = mask | other
+  inside, touched = _coverage(mixing.box, patch_size)
+  cut = jnp.where(inside, other, jnp.where(touched, either, mask))
+  mask = jnp.where(mixing.applied, jnp.where(mixing.cutmix, cut, either), mask)
+  blanked, _ = _coverage(erased, patch_size)  # (B, h, w)
+  first = jnp.arange(mask.shape[1]) == 0
+  return jnp.where(blanked[:, None], first[None, :, None, None], mask)

@@ -29,7 +29,7 @@ def token_policy(config: ml_collections.ConfigDict) -> rlt.Policy:
   """Which tokens each clip keeps (config.rlt)."""
   r = config.rlt
   return rlt.Policy(kind=r.policy, threshold=float(r.threshold), keep_fraction=r.keep_fraction,
-                    max_tokens=r.max_tokens)
+                    max_tokens=r.max_tokens, reference=r.reference)
 
 
 def token_layout(config: ml_collections.ConfigDict) -> layout.Layout:
@@ -116,6 +116,12 @@ def check(config: ml_collections.ConfigDict, *, files_too: bool = True) -> vit.M
       make(config)
     except (ValueError, TypeError) as e:
       raise ConfigError(f"config.{name}: {e}") from None
+  if not isinstance(config.rlt.mask_before_mix, bool):
+    raise ConfigError(f"config.rlt.mask_before_mix={config.rlt.mask_before_mix!r}: expected "
+                      "true or false")
+  if config.rlt.mask_before_mix and config.rlt.max_tokens is not None:
+    raise ConfigError("config.rlt.mask_before_mix=True with config.rlt.max_tokens: the cap "
+                      "ranks tokens by their change on the mixed clips; use one of them")
   for name, least in (("shapes", 0), ("calibration_batches", 1)):
     value = config.layout[name]
     if not isinstance(value, int) or isinstance(value, bool) or value < least:

@@ -69,6 +69,10 @@ def base(variant: str = "B/16", dataset: str = "k400", *, rlt: bool = False
       policy="rlt" if rlt else "none",  # none | rlt | random: which tokens each clip keeps
       threshold=0.1,           # τ of 'rlt', on ImageNet-normalised pixels
       keep_fraction=0.5,       # p of 'random'
+      reference="previous",    # 'rlt' compares a tubelet with: previous (the release) |
+                               # run_start (the start of its run: drift cannot hide)
+      mask_before_mix=False,   # train: each clip's mask before Mixup/CutMix/erasing, then
+                               # combined (docs/rlt.md); False: after them, as the release
   ))
   c.rlt.max_tokens = placeholder(int)  # a lossy cap per clip (most-changed kept); None: never
 

@@ -42,7 +42,9 @@ class NonFiniteLossError(RuntimeError):
 class TrainStep:
   """state, global batch → state, metrics, in two phases around a host plan.
 
-  Phase 1 (`prepare`): normalise, mix, erase, apply the token policy; the exact kept counts
+  Phase 1 (`prepare`): normalise, mix, erase, apply the token policy (on the mixed clips, as
+  the release does, or with `mask_before_mix` on each source clip, carried through the mixing:
+  `augment.carry_mask`; the counts of both rules go to the metrics); the exact kept counts
   come to the host, which picks the static token layout: the exact plan of those counts, or
   the cheapest of a fixed `layout.ShapeSet` (`use_shapes`) that holds them. Phase 2 (`update`,
   compiled once per plan): tokenise, forward, backward, AdamW. Non-finite losses skip the
@@ -52,8 +54,10 @@ class TrainStep:
 
   def __init__(self, model: vit.VisionTransformer, tx, lr_schedule, aug: augment.Augment,
                token_policy: rlt.Policy, token_layout: layout.Layout, accum_steps: int,
-               mesh: jax.sharding.Mesh, state_shardings: Any = None):
+               mesh: jax.sharding.Mesh, state_shardings: Any = None,
+               mask_before_mix: bool = False):
     self.model, self.tx, self.lr_schedule, self.aug = model, tx, lr_schedule, aug
+    self.mask_before_mix = mask_before_mix
     self.policy, self.layout, self.accum = token_policy, token_layout, accum_steps
     self.mesh, self.groups = mesh, sharding.batch_shards(mesh)
     self.shapes: layout.ShapeSet | None = None
@@ -62,7 +66,8 @@ class TrainStep:
     self.driver = two_phase.TwoPhase(
         self.prepare, self.update, self._plan, mesh=mesh,
         first_shardings=({"frames": batch, "targets": batch, "mask": batch, "weights": batch,
-                          "label": batch}, replicated),
+                          "label": batch, "kept_mask_before_mix": batch,
+                          "kept_mask_after_mix": batch}, replicated),
         second_shardings=(state_shardings, replicated), donate=True)
 
   @property
@@ -84,15 +89,26 @@ class TrainStep:
     spec = self.model.spec
     aug_key, erase_key, token_key = jax.random.split(
         jax.random.fold_in(jax.random.fold_in(rng, step), 0), 3)
+    select = lambda x: rlt.select(x, self.policy, tubelet_size=spec.tubelet_size,
+                                  patch_size=spec.patch_size, rng=token_key,
+                                  valid=batch["valid"])
     frames = rlt.normalize(batch["frames"])
-    frames, targets = augment.mix(aug_key, frames, batch["label"], self.aug)
-    frames = augment.erase(erase_key, frames, self.aug)
-    mask = rlt.select(frames, self.policy, tubelet_size=spec.tubelet_size,
-                      patch_size=spec.patch_size, rng=token_key, valid=batch["valid"])
+    sources = select(frames)  # each clip's own mask, before mixing
+    frames, targets, mixing = augment.mix(aug_key, frames, batch["label"], self.aug)
+    frames, erased = augment.erase(erase_key, frames, self.aug)
+    after = select(frames)  # the release's rule: the mask of what the model sees
+    before = after
+    if self.policy.kind == "rlt":  # other policies do not look at the pixels
+      grid = (-1, *rlt.token_grid(frames.shape, spec.tubelet_size, spec.patch_size))
+      before = augment.carry_mask(sources.reshape(grid), mixing, erased,
+                                  patch_size=spec.patch_size).reshape(after.shape)
+    mask = before if self.mask_before_mix else after
     # the patch embedding casts its input to the model's dtype: casting here halves phase 2's
     # input (bf16) and changes nothing; the mask was decided on float32 values
     prepared = {"frames": frames.astype(self.model.dtype), "targets": targets, "mask": mask,
-                "weights": batch["valid"].astype(jnp.float32), "label": batch["label"]}
+                "weights": batch["valid"].astype(jnp.float32), "label": batch["label"],
+                "kept_mask_before_mix": before.sum(-1, dtype=jnp.int32),
+                "kept_mask_after_mix": after.sum(-1, dtype=jnp.int32)}
     return prepared, mask.sum(-1, dtype=jnp.int32)
 
   def _loss(self, params, frames, mask, targets, weights, rng, plan):
@@ -145,10 +161,12 @@ class TrainStep:
           "bad_step": jnp.where((state["bad_step"] < 0) & ~finite, step, state["bad_step"]),
       }
     correct = (jnp.argmax(logits, -1) == prepared["label"]).astype(jnp.float32)
-    kept = mask.sum(-1).astype(jnp.float32)
+    mean = lambda kept: jnp.sum(kept.astype(jnp.float32) * weights) / count
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.lr_schedule(step),
                "accuracy": jnp.sum(correct * weights) / count,
-               "tokens_kept": jnp.sum(kept * weights) / count, "clips": weights.sum(),
+               "tokens_kept": mean(mask.sum(-1)), "clips": weights.sum(),
+               "tokens_kept_mask_before_mix": mean(prepared["kept_mask_before_mix"]),
+               "tokens_kept_mask_after_mix": mean(prepared["kept_mask_after_mix"]),
                "slots": jnp.float32(plan.slots)}
     return new_state, metrics
 
@@ -256,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   aug = augment.Augment(num_classes=spec.num_classes, **config.augment)
   train_step = TrainStep(model, tx, lr_schedule, aug, token_policy,
                          configure.token_layout(config), config.grad_accum_steps, mesh,
-                         state_shardings)
+                         state_shardings, mask_before_mix=config.rlt.mask_before_mix)
   run_rng = jax.random.fold_in(rng, 1)  # the state's key: phase 1 needs nothing else of it
 
   iterator = iter(dataset)
@@ -395,6 +413,9 @@ def _summarise(metrics: list[dict[str, np.ndarray]], seconds: float, steps: int,
   return {"loss": mean("loss"), "accuracy": mean("accuracy"), "lr": float(metrics[-1]["lr"]),
           "grad_norm": mean("grad_norm"), "tokens_kept": mean("tokens_kept"),
           "tokens_kept_fraction": mean("tokens_kept") / num_tokens,
+          # the share each rule keeps, whichever the step used (config rlt.mask_before_mix)
+          "kept_fraction_mask_before_mix": mean("tokens_kept_mask_before_mix") / num_tokens,
+          "kept_fraction_mask_after_mix": mean("tokens_kept_mask_after_mix") / num_tokens,
           "slots_per_clip": float(np.sum([m["slots"] for m in metrics])) / max(clips, 1.0),
           "clips_per_s": clips / seconds, "step_time_s": seconds / steps,
           "losses": [float(m["loss"]) for m in metrics]}
