@@ -134,7 +134,7 @@ def test_the_schedule_warms_up_then_decays_to_the_scaled_minimum():
 # ------------------------------------------------------------------ sharding
 
 
-def one_step(mesh, config, batch, mask_before_mix=False):
+def one_step(mesh, config, batch, mask_before_mix=False, augmentation=None):
   spec = configure.model_spec(config)
   model = configure.build_model(config, spec, train=True)
   rng = jax.random.PRNGKey(0)
@@ -144,7 +144,7 @@ def one_step(mesh, config, batch, mask_before_mix=False):
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(3), "rng": rng,
            "bad_step": jnp.int32(-1)}
   shardings = sharding.tree_shardings(mesh, state, min_size=16)
-  step = train.TrainStep(model, tx, lr, augment.Augment(num_classes=8),
+  step = train.TrainStep(model, tx, lr, augmentation or augment.Augment(num_classes=8),
                          configure.token_policy(config),
                          configure.token_layout(config), config.grad_accum_steps, mesh, shardings,
                          mask_before_mix=mask_before_mix)
@@ -175,19 +175,27 @@ def test_a_step_sharded_over_data_and_fsdp_equals_the_step_on_one_device(accum, 
 
 
 def test_masks_before_or_after_mixing_are_both_counted_and_either_can_be_trained_on():
+  """Half the clips brighten by 9 levels over the clip (> τ), half are still. Mixup pairs each
+  with its opposite (the batch reversed): a mixed clip's change is λ or 1 − λ of 9 levels, so
+  at least one of each pair falls below τ after mixing, while the mask from before mixing keeps
+  every token either source keeps."""
   config = tiny_config.get_config("unused")
   rng = np.random.default_rng(4)
-  batch = {"frames": rng.integers(0, 255, (8, 4, 32, 32, 3), np.uint8),
+  base = rng.integers(60, 180, (8, 1, 32, 32, 3))
+  ramp = np.arange(4)[None, :, None, None, None] * 3 * (np.arange(8) >= 4)[:, None, None, None,
+                                                                           None]
+  batch = {"frames": (base + ramp).astype(np.uint8),
            "label": rng.integers(0, 8, 8).astype(np.int32), "valid": np.ones(8, bool)}
-  batch["frames"][:4] = batch["frames"][:4, :1]  # half the clips still: mixing changes counts
+  mixup_only = augment.Augment(num_classes=8, cutmix_alpha=0.0, erase_prob=0.0)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  results = {flag: one_step(mesh, config, batch, mask_before_mix=flag)[1] for flag in (0, 1)}
+  results = {flag: one_step(mesh, config, batch, flag, mixup_only)[1] for flag in (0, 1)}
   for flag, m in results.items():  # the step trains on the rule it was given …
     rule = "before" if flag else "after"
     assert m["tokens_kept"] == m[f"tokens_kept_mask_{rule}_mix"]
   for key in ("tokens_kept_mask_before_mix", "tokens_kept_mask_after_mix"):  # … reports both
     assert results[0][key] == results[1][key]
-  assert results[0]["tokens_kept_mask_before_mix"] != results[0]["tokens_kept_mask_after_mix"]
+  assert results[0]["tokens_kept_mask_before_mix"] == 8  # every source is kept somewhere
+  assert results[0]["tokens_kept_mask_after_mix"] < 8  # mixing dampened some changes below τ
 
 
 def test_the_stream_layout_trains_exactly_like_padded_rows():
