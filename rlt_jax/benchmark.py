@@ -2,8 +2,8 @@
 
     python -m rlt_jax.benchmark clips VIDEO... --output clips.npy   # real clips, 16 × 224²
     python -m rlt_jax.benchmark model [--variant B/16] [--batch 32] [--dtype bfloat16]
-        [--frames clips.npy [--draw N] | --source synthetic|DATA_GLOB] [--threshold 0.1] [--tome R]
-        [--no_train] [--scan] [--profile DIR] [--tiny] [--only NAMES] [--output results.json]
+        [--frames clips.npy [--draw N] | --source synthetic|DATA_GLOB] [--threshold 0.1]
+        [--tome R,…] [--no_train] [--scan] [--profile DIR] [--tiny] [--only NAMES] [--output results.json]
     python -m rlt_jax.benchmark data [--videos 8] [--seconds 10]
     python -m rlt_jax.benchmark compile [--variant L/16] [--remat full]
     python -m rlt_jax.benchmark ops [--variant B/16] [--batch 32] [--frames clips.npy]
@@ -12,7 +12,8 @@
 `train.TrainStep`: augmentation, forward, backward, AdamW) throughput for: all tokens; RLT in
 the 'padded' and 'stream' layouts, with clips in their given order and grouped by kept count
 (as evaluation, predict and training batch them); random dropping at RLT's mean budget; ToMe
-at a matched budget, alone and after RLT. Per setting, forward and train: clips/s, kept
+at each r of `--tome` (-1: the budget matched to RLT's; e.g. `--tome=-1,65` adds the release's
+r = 65), alone and after RLT. Per setting, forward and train: clips/s, kept
 tokens/s, tokens kept, speedup over all tokens, the ideal speedup (FLOPs of every clip's own
 tokens, no padding: so the layout cannot inflate it), efficiency = achieved / ideal, shapes,
 compile seconds, MFU where the device's peak is known, and RLT's own overhead (normalise +
@@ -270,7 +271,7 @@ def _profile(directory: str, driver: two_phase.TwoPhase, carry, inputs: list[tup
 def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat16",
                     source: str = "synthetic", frames_path: str | None = None,
                     threshold: float = 0.1, batches: int = 4, repeats: int = 3,
-                    tiny: bool = False, train_steps: bool = True, tome_r: int = 0,
+                    tiny: bool = False, train_steps: bool = True, tome_r: tuple[int, ...] = (),
                     only: tuple[str, ...] = (), draw: int = 0, profile: str | None = None,
                     scan: bool = False) -> dict:
   """clips/s, kept tokens/s, speedups, efficiency, overhead and MFU for each policy × layout.
@@ -308,15 +309,16 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
   kept = rlt.kept_counts(clips, rlt_policy, tubelet_size=spec.tubelet_size,
                          patch_size=spec.patch_size)
   fraction = float(kept.mean()) / n
-  tome_budget = _tome_matching(spec, float(kept.mean())) if tome_r == -1 else tome_r
+  tome_budgets = dict.fromkeys(_tome_matching(spec, float(kept.mean())) if r == -1 else r
+                               for r in tome_r if r)
   stream, padded = layout.Layout("stream"), layout.Layout("padded")
   random_policy = rlt.Policy("random", keep_fraction=max(fraction, 1 / n))
   settings = [Setting(name, *how) for name, how in zip(SETTINGS, [
       (rlt.Policy("none"), padded, False), (rlt_policy, padded, False), (rlt_policy, padded),
       (rlt_policy, stream, False), (rlt_policy, stream), (random_policy, padded)])]
-  if tome_budget:
-    settings += [Setting(f"tome r={tome_budget}", rlt.Policy("none"), padded, tome=tome_budget),
-                 Setting(f"rlt+tome r={tome_budget}", rlt_policy, padded, tome=tome_budget)]
+  for r in tome_budgets:
+    settings += [Setting(f"tome r={r}", rlt.Policy("none"), padded, tome=r),
+                 Setting(f"rlt+tome r={r}", rlt_policy, padded, tome=r)]
   if only:  # the all-token baseline always runs: every ratio is against it
     settings = [settings[0]] + [s for s in settings[1:] if s.name.startswith(only)]
   rng = jax.random.PRNGKey(0)
@@ -579,6 +581,14 @@ def real_clips(paths: list[str], *, num_frames: int = 16, size: int = 224, strid
   return np.concatenate(clips)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+  """--tome's comma-separated integers."""
+  try:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
 def _prefixes(only: str) -> tuple[str, ...]:
   """--only's setting-name prefixes: comma-separated, unless the whole text starts a name
   (setting names hold commas: 'rlt stream, sorted')."""
@@ -608,8 +618,9 @@ def main(argv: list[str] | None = None) -> None:
   model_parser.add_argument("--no_train", action="store_true", help="forward passes only")
   model_parser.add_argument("--only", default="", help="comma-separated setting-name prefixes "
                             "to run besides 'none' (e.g. 'rlt stream,random')")
-  model_parser.add_argument("--tome", type=int, default=-1,
-                            help="ToMe r per block (-1: matched to RLT's mean budget; 0: off)")
+  model_parser.add_argument("--tome", type=_ints, default=(-1,), metavar="R,…",
+                            help="ToMe r per block, comma-separated (-1: matched to RLT's mean "
+                            "budget; 0: off), e.g. --tome=-1,65")
   model_parser.add_argument("--tiny", action="store_true", help="small model on CPU (smoke)")
   model_parser.add_argument("--scan", action="store_true", help="the blocks as one nn.scan "
                             "(model.scan)")
@@ -695,6 +706,9 @@ def main(argv: list[str] | None = None) -> None:
       parser.error(f"--draw {args.draw}: expected a count ≥ 0, with --frames")
     if not (np.isfinite(args.threshold) and args.threshold >= 0):
       parser.error(f"--threshold {args.threshold}: expected a finite number ≥ 0")
+    if any(r < -1 for r in args.tome):
+      parser.error(f"--tome {','.join(map(str, args.tome))}: expected r ≥ 0 per block, or -1 "
+                   "(matched to RLT's budget)")
     try:
       result = model_benchmark(args.variant, args.batch, args.dtype, args.source, args.frames,
                                args.threshold, args.batches, args.repeats, args.tiny,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlt_jax.models import attention
+from rlt_jax.models import attention, tome
 from rlt_jax.models.attention import dot_product_attention
 from rlt_jax.runtime import sharding
 
@@ -81,6 +81,41 @@ def test_bias_is_added_to_each_keys_logit():
   want = dot_product_attention(twice(q), twice(k), twice(v), jnp.asarray([7]))[:, 1:]
   got = dot_product_attention(q, k, v, None, bias=bias)[:, :6]
   np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def tome_bias(lengths, length, seed=1):
+  """ToMe's proportional-attention bias: log of a token's size, padding (size 0) anywhere."""
+  sizes = jax.random.randint(jax.random.PRNGKey(seed), (len(lengths), length), 0, 9)
+  return tome.attention_bias(sizes.astype(jnp.float32)), np.asarray(sizes > 0)
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2),
+                                        (jnp.float16, 5e-3)])
+def test_a_key_bias_as_extra_head_dims_is_the_dense_bias(dtype, atol):
+  """What the fused kernels run for ToMe: the bias folded into q and k (two dims, hi + lo, so a
+  16-bit bias stays exact to ~16 bits), head dims padded to a multiple of 8, unscaled."""
+  q, k, v, lengths = inputs(lengths=(128,) * 4, head_dim=64, dtype=dtype)
+  bias, live = tome_bias(lengths, 128)
+  q2, k2, v2 = attention.key_bias_as_head_dims(q, k, v, bias)
+  assert q2.shape[-1] == k2.shape[-1] == v2.shape[-1] == 72
+  got = attention._xla_attention(q2, k2, v2, lengths, scale=1.0)[..., :64]
+  want = dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), None, bias=bias)
+  got, want = np.asarray(got, np.float32), np.asarray(want)
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got[live], want[live], atol=atol, rtol=0)
+
+
+@pytest.mark.usefixtures("fresh_splash_kernels")
+def test_splash_takes_a_key_bias_on_rows_of_any_length():
+  """ToMe rows shrink block by block (here 100 slots): splash pads them to 128 with keys that
+  get no weight and runs the bias as head dims."""
+  q, k, v, lengths = inputs(lengths=(100,) * 2, length=100)
+  bias, live = tome_bias(lengths, 100)
+  want = dot_product_attention(q, k, v, None, bias=bias, attention="xla")
+  got = jax.jit(lambda *a: dot_product_attention(*a, None, bias=bias, attention="splash"))(
+      q, k, v)
+  assert got.shape == q.shape
+  np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live], atol=1e-5)
 
 
 @pytest.fixture
@@ -166,6 +201,16 @@ def test_cudnn_matches_xla_in_16_bits(dtype):
   want = dot_product_attention(q, k, v, lengths, attention="xla")
   got = dot_product_attention(q, k, v, lengths, attention="cudnn")
   assert_equal_on_real_queries(got, want, lengths, atol=2e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_takes_tomes_key_bias_in_16_bits():
+  q, k, v, lengths = inputs(lengths=(100,) * 4, length=100, head_dim=64, dtype=jnp.bfloat16)
+  bias, live = tome_bias(lengths, 100)
+  want = dot_product_attention(q, k, v, None, bias=bias, attention="xla")
+  got = dot_product_attention(q, k, v, None, bias=bias, attention="cudnn")
+  np.testing.assert_allclose(np.asarray(got, np.float32)[live],
+                             np.asarray(want, np.float32)[live], atol=2e-2, rtol=0)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")

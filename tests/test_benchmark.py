@@ -61,6 +61,16 @@ def test_no_timed_loop_contains_a_compilation(monkeypatch):
   benchmark.model_benchmark(tiny=True, only=("rlt stream, unsorted",))
 
 
+def test_tome_runs_at_each_r_asked_for_alone_and_after_rlt(capsys):
+  """`--tome=-1,3`: the budget matched to RLT's and a fixed r (as the release's r = 65)."""
+  benchmark.main(["model", "--tiny", "--no_train", "--only", "tome,rlt+tome", "--tome=-1,3,3"])
+  out = capsys.readouterr().out
+  assert "tome r=3" in out and "rlt+tome r=3" in out and out.count("rlt+tome r=") == 2
+  with pytest.raises(SystemExit):
+    benchmark.main(["model", "--tiny", "--tome", "-2"])
+  assert "--tome -2: expected r ≥ 0 per block, or -1" in capsys.readouterr().err
+
+
 def test_synthetic_clips_spread_their_kept_tokens_like_real_video():
   clips = benchmark.synthetic_clips(12, num_frames=16, size=224)
   kept = rlt.kept_counts(clips, rlt.Policy("rlt"), tubelet_size=2, patch_size=16) / 1568

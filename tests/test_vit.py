@@ -408,3 +408,12 @@ class TestTokenMerging:
     assert np.abs(alone - plain).max() > 1e-3  # ToMe did merge
     np.testing.assert_allclose(batch_logits(model, params, frames, mask, kind), alone, atol=1e-5,
                                rtol=0)
+
+  def test_proportional_attention_through_a_fused_kernel_gives_the_same_logits(
+      self, params, merged_alone):
+    """Splash (Pallas interpret mode here; cuDNN on a GPU) takes the size bias as head dims."""
+    model, frames, mask, _, _ = merged_alone
+    fused = model.clone(attention="splash")
+    np.testing.assert_allclose(batch_logits(fused, params, frames, mask, "padded"),
+                               batch_logits(model, params, frames, mask, "padded"), atol=1e-5,
+                               rtol=0)

@@ -14,6 +14,13 @@ Implementations (config `model.attention`):
            it too. Off TPU it runs in Pallas interpret mode (for checking only).
   'auto'   splash on TPU when rows are multiples of 128, cudnn on GPU for 16-bit inputs,
            else xla.
+
+A per-key bias (ToMe's proportional attention, log of each token's size) runs through the same
+kernels: with q' = [q/√d, 1, 1, 0 …] and k' = [k, hi, lo, 0 …], hi + lo = the bias split into
+two numbers of k's dtype (so a bf16 bias keeps ~16 bits), and v' = [v, 0 …], the fused kernel at
+scale 1 computes q·k/√d + bias exactly as the dense-bias XLA path, for 2–8 more head dims
+(64 → 72) rather than a dense (R, heads, C, C) bias. Splash rows are padded to a multiple of 128
+with keys of bias −∞ (a large finite value).
 """
 
 from __future__ import annotations
@@ -46,12 +53,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax
   """Multi-head attention. q, k, v: (R, C, heads, head_dim); lengths (R,) int32.
 
   bias (R, C), if given, is added to every query's logit of each key instead of the length
-  mask (ToMe's proportional attention, whose real tokens need not come first); XLA runs it.
+  mask (ToMe's proportional attention, whose real tokens need not come first); 'xla' adds it
+  to dense logits, the fused kernels take it as extra head dims (module docstring).
   """
   with jax.named_scope("dot_product_attention"):  # device_time groups the core by this name
-    if bias is not None:
+    length = q.shape[1]
+    attention = resolve(attention, q.dtype, length + (-length) % 128 if bias is not None
+                        else length)
+    if bias is not None and attention == "xla":
       return _xla_attention(q, k, v, None, bias)
-    attention = resolve(attention, q.dtype, q.shape[1])
+    if bias is not None:
+      return _fused_with_key_bias(q, k, v, bias, attention)
     if attention == "xla":
       return _xla_attention(q, k, v, lengths)
     if attention == "cudnn":
@@ -59,8 +71,43 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax
     return _splash_attention(q, k, v, lengths)
 
 
-def _xla_attention(q, k, v, lengths, bias=None):
-  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+def key_bias_as_head_dims(q, k, v, bias, multiple: int = 8):
+  """(q', k', v') whose unscaled attention equals q, k, v's scaled attention plus `bias` (R, C)
+  on each key's logits (module docstring); head dims padded to a multiple of `multiple`."""
+  head_dim = q.shape[-1]
+  extra = 2 + (-(head_dim + 2)) % multiple
+  floor = float(jnp.finfo(k.dtype).min) / 2  # padding's −∞ as a finite value of k's dtype
+  bias = jnp.maximum(bias.astype(jnp.float32), floor)
+  hi = bias.astype(k.dtype)
+  lo = (bias - hi.astype(jnp.float32)).astype(k.dtype)
+  pad = lambda x, tail: jnp.concatenate([x, jnp.broadcast_to(tail, x.shape[:-1] + (extra,))
+                                         .astype(x.dtype)], axis=-1)
+  ones = jnp.zeros(extra, q.dtype).at[:2].set(1)
+  q = pad(q * jnp.asarray(head_dim ** -0.5, q.dtype), ones)
+  k_tail = jnp.zeros(k.shape[:-1] + (extra,), k.dtype)
+  k_tail = k_tail.at[..., 0].set(hi[:, :, None]).at[..., 1].set(lo[:, :, None])
+  return q, jnp.concatenate([k, k_tail], axis=-1), pad(v, jnp.zeros(extra, v.dtype))
+
+
+def _fused_with_key_bias(q, k, v, bias, attention: str):
+  rows, length, _, head_dim = q.shape
+  pad = (-length) % 128 if attention == "splash" else 0
+  if pad:  # splash tiles rows by 128: padded keys get a bias no real logit can reach
+    padding = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    q, k, v = padding(q), padding(k), padding(v)
+    bias = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, pad)),
+                   constant_values=jnp.finfo(jnp.float32).min / 2)
+  q, k, v = key_bias_as_head_dims(q, k, v, bias)
+  full = jnp.full((rows,), length + pad, jnp.int32)
+  if attention == "cudnn":
+    out = _cudnn_attention(q, k, v, full, scale=1.0)
+  else:
+    out = _splash_attention(q, k, v, full, scale=1.0)
+  return out[:, :length, :, :head_dim]
+
+
+def _xla_attention(q, k, v, lengths, bias=None, scale=None):
+  q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias[:, None, None, :].astype(jnp.float32)
@@ -71,9 +118,9 @@ def _xla_attention(q, k, v, lengths, bias=None):
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def _cudnn_attention(q, k, v, lengths):
+def _cudnn_attention(q, k, v, lengths, scale=None):
   lengths = jnp.maximum(lengths, 1).astype(jnp.int32)  # an empty row: its output is discarded
-  return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, query_seq_lengths=lengths,
                                       key_value_seq_lengths=lengths, implementation="cudnn")
 
 
@@ -89,7 +136,7 @@ def _splash_kernel(length: int, heads: int, interpret: bool):
                                 interpret=interpret)
 
 
-def _splash_attention(q, k, v, lengths):
+def _splash_attention(q, k, v, lengths, scale=None):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # as above
   batch, length, heads, head_dim = q.shape
   if length % 128:
@@ -97,7 +144,8 @@ def _splash_attention(q, k, v, lengths):
                      f"{length}: set layout.capacity_step to a multiple of 128")
   # Built per trace, never cached: the kernel object holds arrays of the trace that built it.
   kernel = _splash_kernel(length, heads, jax.default_backend() != "tpu")
-  q = q * jnp.asarray(head_dim ** -0.5, q.dtype)  # splash does not scale q itself
+  # splash does not scale q itself
+  q = q * jnp.asarray(head_dim ** -0.5 if scale is None else scale, q.dtype)
   segments = (jnp.arange(length) < lengths[:, None]).astype(jnp.int32)
   to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # (R, heads, C, d)
 
