@@ -3,7 +3,8 @@
     python -m rlt_jax.benchmark clips VIDEO... --output clips.npy   # real clips, 16 × 224²
     python -m rlt_jax.benchmark model [--variant B/16] [--batch 32] [--dtype bfloat16]
         [--frames clips.npy [--draw N] | --source synthetic|DATA_GLOB] [--threshold 0.1]
-        [--tome R,…] [--no_train] [--scan] [--profile DIR] [--tiny] [--only NAMES] [--output results.json]
+        [--tome R,…] [--no_train] [--scan] [--profile DIR] [--tiny] [--only NAMES]
+        [--output results.json]
     python -m rlt_jax.benchmark data [--videos 8] [--seconds 10]
     python -m rlt_jax.benchmark compile [--variant L/16] [--remat full]
     python -m rlt_jax.benchmark ops [--variant B/16] [--batch 32] [--frames clips.npy]

@@ -5,7 +5,8 @@ is kept when the mean absolute difference between frame (j+1)·ts−1 and frame 
 that patch exceeds τ (strictly); the first tubelet is always kept. Policies: 'none' (every
 token), 'rlt' (that rule; or, with reference='run_start', the same test against the start of
 the token's run, which slow drift cannot slip past), 'random' (round(N·p) uniformly random
-tokens per clip, the paper's baseline). *How* the kept tokens are laid out in static shapes is `layout.py`'s job.
+tokens per clip, the paper's baseline). *How* the kept tokens are laid out in static shapes
+is `layout.py`'s job.
 
 `normalize`, `keep_mask`, `change_scores` and `run_lengths` accept numpy arrays (host side, e.g.
 the input pipeline's sorting counts) as well as jax arrays (inside jit); `select` runs in jit.
