@@ -80,13 +80,16 @@ def key_bias_as_head_dims(q, k, v, bias, multiple: int = 8):
   bias = jnp.maximum(bias.astype(jnp.float32), floor)
   hi = bias.astype(k.dtype)
   lo = (bias - hi.astype(jnp.float32)).astype(k.dtype)
-  pad = lambda x, tail: jnp.concatenate([x, jnp.broadcast_to(tail, x.shape[:-1] + (extra,))
-                                         .astype(x.dtype)], axis=-1)
-  ones = jnp.zeros(extra, q.dtype).at[:2].set(1)
-  q = pad(q * jnp.asarray(head_dim ** -0.5, q.dtype), ones)
-  k_tail = jnp.zeros(k.shape[:-1] + (extra,), k.dtype)
-  k_tail = k_tail.at[..., 0].set(hi[:, :, None]).at[..., 1].set(lo[:, :, None])
-  return q, jnp.concatenate([k, k_tail], axis=-1), pad(v, jnp.zeros(extra, v.dtype))
+
+  def append(x, tail):  # tail (R, C, extra), the same for every head
+    tail = jnp.broadcast_to(tail[:, :, None, :], x.shape[:-1] + (extra,)).astype(x.dtype)
+    return jnp.concatenate([x, tail], axis=-1)
+
+  zeros = jnp.zeros(bias.shape + (extra - 2,), jnp.float32)
+  ones = jnp.ones(bias.shape + (2,), jnp.float32)
+  q = append(q * jnp.asarray(head_dim ** -0.5, q.dtype), jnp.concatenate([ones, zeros], -1))
+  k = append(k, jnp.concatenate([hi[..., None], lo[..., None], zeros.astype(k.dtype)], -1))
+  return q, k, append(v, jnp.zeros(bias.shape + (extra,), v.dtype))
 
 
 def _fused_with_key_bias(q, k, v, bias, attention: str):
