@@ -18,9 +18,9 @@ Implementations (config `model.attention`):
 A per-key bias (ToMe's proportional attention, log of each token's size) runs through the same
 kernels: with q' = [q/√d, 1, 1, 0 …] and k' = [k, hi, lo, 0 …], hi + lo = the bias split into
 two numbers of k's dtype (so a bf16 bias keeps ~16 bits), and v' = [v, 0 …], the fused kernel at
-scale 1 computes q·k/√d + bias exactly as the dense-bias XLA path, for 2–8 more head dims
-(64 → 72) rather than a dense (R, heads, C, C) bias. Splash rows are padded to a multiple of 128
-with keys of bias −∞ (a large finite value).
+scale 1 computes q·k/√d + bias as the dense-bias XLA path does (to rounding), for 2–8 more head
+dims (64 → 72) rather than a dense (R, heads, C, C) bias. Splash rows are padded to a multiple
+of 128 with keys of bias −∞ (a large finite value).
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def key_bias_as_head_dims(q, k, v, bias, multiple: int = 8):
   on each key's logits (module docstring); head dims padded to a multiple of `multiple`."""
   head_dim = q.shape[-1]
   extra = 2 + (-(head_dim + 2)) % multiple
-  floor = float(jnp.finfo(k.dtype).min) / 2  # padding's −∞ as a finite value of k's dtype
+  # padding's −∞ as a finite value of k's dtype, far from overflow in a kernel's own scaling
+  floor = max(float(jnp.finfo(k.dtype).min) / 2, -1e30)
   bias = jnp.maximum(bias.astype(jnp.float32), floor)
   hi = bias.astype(k.dtype)
   lo = (bias - hi.astype(jnp.float32)).astype(k.dtype)
