@@ -310,8 +310,8 @@ def model_benchmark(variant: str = "B/16", batch: int = 32, dtype: str = "bfloat
   kept = rlt.kept_counts(clips, rlt_policy, tubelet_size=spec.tubelet_size,
                          patch_size=spec.patch_size)
   fraction = float(kept.mean()) / n
-  tome_budgets = dict.fromkeys(_tome_matching(spec, float(kept.mean())) if r == -1 else r
-                               for r in tome_r if r)
+  matched = [_tome_matching(spec, float(kept.mean())) if r == -1 else r for r in tome_r]
+  tome_budgets = dict.fromkeys(r for r in matched if r)  # r = 0 (e.g. matched on tiny): no ToMe
   stream, padded = layout.Layout("stream"), layout.Layout("padded")
   random_policy = rlt.Policy("random", keep_fraction=max(fraction, 1 / n))
   settings = [Setting(name, *how) for name, how in zip(SETTINGS, [
