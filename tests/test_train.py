@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -521,12 +522,11 @@ def test_the_demo_config_learns_the_synthetic_dataset(tmp_path):
 
 
 def test_the_summary_names_the_rule_the_step_trained_on_and_the_other_where_it_mixed():
-  config = tiny_config.get_config("unused")
   summary = {"tokens_kept_fraction": 0.6, "kept_fraction_mask_before_mix": 0.6,
              "kept_fraction_mask_after_mix": 0.5}
   result = {"tokens_kept_mean": 29.0, "tokens_total": 58.0}
-  config.rlt.mask_before_mix = True
-  assert train._kept_shares(config, summary, result) == {
+  step = types.SimpleNamespace(aug=augment.Augment(num_classes=8), mask_before_mix=True)
+  assert train._kept_shares(step, summary, result, "val") == {
       "train, mask before mixing": 0.6, "train, mask after mixing (not used)": 0.5, "val": 0.5}
-  config.augment.update(mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0)
-  assert train._kept_shares(config, summary, result) == {"train": 0.6, "val": 0.5}
+  step.aug = augment.Augment(num_classes=8, mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0)
+  assert train._kept_shares(step, summary, result, "val") == {"train": 0.6, "val": 0.5}

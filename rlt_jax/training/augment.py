@@ -31,6 +31,16 @@ class Augment:
   erase_max_area: float = 1 / 3
   erase_min_aspect: float = 0.3
 
+  @property
+  def mixes(self) -> bool:
+    """Whether `mix` can change a clip (Mixup or CutMix on, with a chance to apply)."""
+    return bool((self.mixup_alpha or self.cutmix_alpha) and self.mix_prob)
+
+  @property
+  def changes_clips(self) -> bool:
+    """Whether `mix` or `erase` can change a clip (else masks before and after agree)."""
+    return self.mixes or bool(self.erase_prob)
+
 
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
   off = smoothing / num_classes
@@ -67,7 +77,7 @@ def mix(rng: jax.Array, frames: jax.Array, labels: jax.Array, config: Augment
   label smoothing."""
   targets = smooth_one_hot(labels, config.num_classes, config.label_smoothing)
   height, width = frames.shape[2:4]
-  if not (config.mixup_alpha or config.cutmix_alpha) or not config.mix_prob:
+  if not config.mixes:
     return frames, targets, Mixing(jnp.bool_(False), jnp.bool_(False),
                                    jnp.zeros((height, width), bool))
   apply_key, switch_key, mixup_key, cutmix_key, box_key = jax.random.split(rng, 5)

@@ -359,7 +359,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     log.close()
   console.say(console.summary(
       {k: result[k] for k in ("top1", "top5", "videos", "views") if k in result},
-      tokens_kept=_kept_shares(config, summary, result),
+      tokens_kept=_kept_shares(train_step, summary, result, "final" if config.data.final
+                               else "val"),
       wall_time_s=time.perf_counter() - start_time, workdir=workdir, model_dir=model_dir,
       checkpoint_dir=manager.directory, tensorboard_dir=os.path.join(workdir, "tensorboard"),
       labels=_labels(config.data.train)))
@@ -404,21 +405,19 @@ def _stop_if_not_finite(state, manager, *, check_state: bool = False) -> None:
         "checkpoint was saved yet)")
 
 
-def _kept_shares(config, summary: dict, result: dict) -> dict[str, float | None]:
+def _kept_shares(step: TrainStep, summary: dict, result: dict, split: str
+                 ) -> dict[str, float | None]:
   """The summary's kept shares: in training under the rule the step used (and, where the step
-  mixes, under the other rule too), then in the evaluation."""
-  used, other = ("before", "after") if config.rlt.mask_before_mix else ("after", "before")
-  a = config.augment
-  mixes = a.mixup_alpha > 0 or a.cutmix_alpha > 0 or a.erase_prob > 0
-  if mixes:
+  mixes or erases, under the other rule too), then in the evaluation of `split`."""
+  used, other = ("before", "after") if step.mask_before_mix else ("after", "before")
+  if step.aug.changes_clips:
     shares = {f"train, mask {used} mixing": summary.get(f"kept_fraction_mask_{used}_mix"),
               f"train, mask {other} mixing (not used)": summary.get(
                   f"kept_fraction_mask_{other}_mix")}
   else:  # nothing mixed: both rules give the same mask
     shares = {"train": summary.get("tokens_kept_fraction")}
-  shares["final" if config.data.final else "val"] = (
-      result["tokens_kept_mean"] / result["tokens_total"] if "tokens_kept_mean" in result
-      else None)
+  shares[split] = (result["tokens_kept_mean"] / result["tokens_total"]
+                   if "tokens_kept_mean" in result else None)
   return shares
 
 
