@@ -20,7 +20,7 @@ kernels: with q' = [q/√d, 1, 1, 0 …] and k' = [k, hi, lo, 0 …], hi + lo = 
 two numbers of k's dtype (so a bf16 bias keeps ~16 bits), and v' = [v, 0 …], the fused kernel at
 scale 1 computes q·k/√d + bias as the dense-bias XLA path does (to rounding), for 2–8 more head
 dims (64 → 72) rather than a dense (R, heads, C, C) bias. Splash rows are padded to a multiple
-of 128 with keys of bias −∞ (a large finite value).
+of 128, the padding hidden by the kernel's length mask.
 """
 
 from __future__ import annotations
@@ -57,13 +57,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax
   to dense logits, the fused kernels take it as extra head dims (module docstring).
   """
   with jax.named_scope("dot_product_attention"):  # device_time groups the core by this name
-    length = q.shape[1]
-    attention = resolve(attention, q.dtype, length + (-length) % 128 if bias is not None
-                        else length)
-    if bias is not None and attention == "xla":
-      return _xla_attention(q, k, v, None, bias)
-    if bias is not None:
-      return _fused_with_key_bias(q, k, v, bias, attention)
+    if bias is not None:  # splash tiles rows by 128, and ToMe's rows shrink block by block
+      tiled = q.shape[1] + (-q.shape[1]) % 128
+      attention = resolve(attention, q.dtype, tiled)
+      if attention == "xla":
+        return _xla_attention(q, k, v, None, bias)
+      return _fused_with_key_bias(q, k, v, bias, attention,
+                                  tiled if attention == "splash" else q.shape[1])
+    attention = resolve(attention, q.dtype, q.shape[1])
     if attention == "xla":
       return _xla_attention(q, k, v, lengths)
     if attention == "cudnn":
@@ -93,20 +94,17 @@ def key_bias_as_head_dims(q, k, v, bias, multiple: int = 8):
   return q, k, append(v, jnp.zeros(bias.shape + (extra,), v.dtype))
 
 
-def _fused_with_key_bias(q, k, v, bias, attention: str):
+def _fused_with_key_bias(q, k, v, bias, attention: str, slots: int):
+  """The bias as head dims, on rows padded to `slots` (splash: a multiple of 128) whose padding
+  the kernel's own length mask hides."""
   rows, length, _, head_dim = q.shape
-  pad = (-length) % 128 if attention == "splash" else 0
-  if pad:  # splash tiles rows by 128: padded keys get a bias no real logit can reach
-    padding = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-    q, k, v = padding(q), padding(k), padding(v)
-    bias = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, pad)),
-                   constant_values=jnp.finfo(jnp.float32).min / 2)
-  q, k, v = key_bias_as_head_dims(q, k, v, bias)
-  full = jnp.full((rows,), length + pad, jnp.int32)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, slots - length)) + ((0, 0),) * (x.ndim - 2))
+  q, k, v = key_bias_as_head_dims(pad(q), pad(k), pad(v), pad(bias))
+  lengths = jnp.full((rows,), length, jnp.int32)
   if attention == "cudnn":
-    out = _cudnn_attention(q, k, v, full, scale=1.0)
+    out = _cudnn_attention(q, k, v, lengths, scale=1.0)
   else:
-    out = _splash_attention(q, k, v, full, scale=1.0)
+    out = _splash_attention(q, k, v, lengths, scale=1.0)
   return out[:, :length, :, :head_dim]
 
 
