@@ -429,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_batch is not None and args.train_batch < 2:
       raise ValueError(f"--train_batch {args.train_batch}: expected ≥ 2 (clips mix in pairs)")
     clips, sources, rate = _load(args)
+    if args.train_batch and args.train_batch > len(clips):
+      raise ValueError(f"--train_batch {args.train_batch}: more than the {len(clips)} clip(s) "
+                       f"of {name}")
   except (ValueError, OSError, video.VideoError) as e:
     sys.exit(f"error: {e}")
   t, h, w = clips.shape[1:4]
@@ -486,23 +489,29 @@ def train_time_fractions(clips: np.ndarray, threshold: float, reference: str, ba
   """(share kept with the mask after mixing, share kept with masks carried from before it,
   batches): the release's recipe (Mixup 0.8 / CutMix 1.0, switch 0.5, erasing 0.25) on the
   clips in batches of `batch` (in their order), each with `seeds` draws of the augmentation."""
-  recipe = recipes.base().augment
-  aug = augment.Augment(num_classes=1, **recipe)
+  aug = augment.Augment(num_classes=1, **recipes.base().augment)
   policy = rlt.Policy("rlt", threshold, reference=reference)
+  grid = rlt.token_grid(clips.shape, TUBELET, PATCH)
   count = len(clips) // batch
+  if count == 0:
+    raise ValueError(f"--train_batch {batch}: more than the {len(clips)} clip(s) there are")
+  select = lambda x: rlt.select(x, policy, tubelet_size=TUBELET, patch_size=PATCH)
+  labels = jnp.zeros(batch, jnp.int32)
+
+  @jax.jit
+  def kept(frames, seed):  # (after, before): as the train step computes them
+    _, _, after, before = augment.augment_and_mask(
+        *jax.random.split(jax.random.PRNGKey(seed)), rlt.normalize(frames), labels, aug, select,
+        grid, patch_size=PATCH)
+    return after.sum(), before.sum()
+
   after = before = 0
   for i in range(count):
-    frames = rlt.normalize(jnp.asarray(clips[i * batch:(i + 1) * batch]))
-    grid = rlt.token_grid(frames.shape, TUBELET, PATCH)
-    sources = rlt.select(frames, policy, tubelet_size=TUBELET, patch_size=PATCH)
+    frames = jnp.asarray(clips[i * batch:(i + 1) * batch])
     for seed in range(seeds):
-      mix_key, erase_key = jax.random.split(jax.random.PRNGKey(seed))
-      mixed, _, mixing = augment.mix(mix_key, frames, jnp.zeros(batch, jnp.int32), aug)
-      mixed, erased = augment.erase(erase_key, mixed, aug)
-      after += int(rlt.select(mixed, policy, tubelet_size=TUBELET, patch_size=PATCH).sum())
-      before += int(augment.carry_mask(sources.reshape(-1, *grid), mixing, erased,
-                                       patch_size=PATCH).sum())
-  tokens = max(count * seeds * batch * math.prod(grid), 1)
+      a, b = kept(frames, seed)
+      after, before = after + int(a), before + int(b)
+  tokens = count * seeds * batch * math.prod(grid)
   return after / tokens, before / tokens, count
 
 

@@ -277,6 +277,8 @@ def test_the_training_share_is_given_both_ways(tmp_path, capsys):
   kept_tokens.main(["--frames", str(path), "--train_batch", "2"])
   out = capsys.readouterr().out
   assert f"{after:.1%} kept with the mask of the mixed clips (the release), {before:.1%}" in out
+  with pytest.raises(SystemExit, match=r"--train_batch 3: more than the 2 clip\(s\) of "):
+    kept_tokens.main(["--frames", str(path), "--train_batch", "3"])
 
 
 def test_a_sweep_gives_shares_that_fall_with_tau_and_the_tau_of_a_target(tmp_path, capsys):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +151,21 @@ def carry_mask(mask: jax.Array, mixing: Mixing, erased: jax.Array, *,
   blanked, _ = _coverage(erased, patch_size)  # (B, h, w)
   first = jnp.arange(mask.shape[1]) == 0
   return jnp.where(blanked[:, None], first[None, :, None, None], mask)
+
+
+def augment_and_mask(mix_key: jax.Array, erase_key: jax.Array, frames: jax.Array,
+                     labels: jax.Array, config: Augment, select: Callable[[jax.Array], jax.Array],
+                     grid: tuple[int, int, int], *, patch_size: int, carry: bool = True
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(augmented frames, soft targets, mask after, mask before): `mix` then `erase`, and the
+  keep masks (B, N) of the result both ways: `select` of the augmented frames (the release),
+  and `select` of each source carried through them (`carry_mask` on the token `grid`
+  (T', h, w)). With `carry` False (a mask that does not look at pixels) both are the first."""
+  sources = select(frames) if carry else None
+  frames, targets, mixing = mix(mix_key, frames, labels, config)
+  frames, erased = erase(erase_key, frames, config)
+  after = select(frames)
+  if not carry:
+    return frames, targets, after, after
+  before = carry_mask(sources.reshape(-1, *grid), mixing, erased, patch_size=patch_size)
+  return frames, targets, after, before.reshape(after.shape)

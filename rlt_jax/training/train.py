@@ -93,15 +93,10 @@ class TrainStep:
                                   patch_size=spec.patch_size, rng=token_key,
                                   valid=batch["valid"])
     frames = rlt.normalize(batch["frames"])
-    sources = select(frames)  # each clip's own mask, before mixing
-    frames, targets, mixing = augment.mix(aug_key, frames, batch["label"], self.aug)
-    frames, erased = augment.erase(erase_key, frames, self.aug)
-    after = select(frames)  # the release's rule: the mask of what the model sees
-    before = after
-    if self.policy.kind == "rlt":  # other policies do not look at the pixels
-      grid = (-1, *rlt.token_grid(frames.shape, spec.tubelet_size, spec.patch_size))
-      before = augment.carry_mask(sources.reshape(grid), mixing, erased,
-                                  patch_size=spec.patch_size).reshape(after.shape)
+    frames, targets, after, before = augment.augment_and_mask(
+        aug_key, erase_key, frames, batch["label"], self.aug, select,
+        rlt.token_grid(frames.shape, spec.tubelet_size, spec.patch_size),
+        patch_size=spec.patch_size, carry=self.policy.kind == "rlt")  # others ignore pixels
     mask = before if self.mask_before_mix else after
     # the patch embedding casts its input to the model's dtype: casting here halves phase 2's
     # input (bf16) and changes nothing; the mask was decided on float32 values
