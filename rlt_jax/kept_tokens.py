@@ -348,13 +348,6 @@ def animation(clip: np.ndarray, mask: np.ndarray, threshold: float, caption: str
 # The command line.
 
 
-def _check_output(path: str | None, flag: str) -> None:
-  if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-    raise ValueError(f"{flag} {path}: its directory does not exist")
-  if path and os.path.isdir(path):
-    raise ValueError(f"{flag} {path}: is a directory")
-
-
 def _geometry(args: argparse.Namespace) -> dict[str, int]:
   """--num_frames, --image_size and --stride, checked, defaults filled in."""
   given = {"num_frames": args.num_frames, "image_size": args.image_size, "stride": args.stride}
@@ -424,8 +417,8 @@ def main(argv: list[str] | None = None) -> None:
   name = args.video or args.data or args.frames
   try:
     thresholds = parse_thresholds(args.thresholds)
-    _check_output(args.save_png, "--save_png")
-    _check_output(args.save_gif, "--save_gif")
+    files.check_output(args.save_png, "--save_png")
+    files.check_output(args.save_gif, "--save_gif")
     if args.train_batch is not None and args.train_batch < 2:
       raise ValueError(f"--train_batch {args.train_batch}: expected ≥ 2 (clips mix in pairs)")
     clips, sources, rate = _load(args)
@@ -614,8 +607,8 @@ def sweep_main(argv: list[str]) -> None:
     thresholds = sorted(parse_thresholds(args.thresholds))
     if args.target is not None and not 0 < args.target <= 1:
       raise ValueError(f"--target {args.target}: expected a share in (0, 1]")
-    _check_output(args.save_png, "--save_png")
-    _check_output(args.output, "--output")
+    files.check_output(args.save_png, "--save_png")
+    files.check_output(args.output, "--output")
     clips, _, _ = _load(args)
     rows = sweep(clips, thresholds, reference=args.reference, variant=args.variant)
     target = (threshold_for(clips, args.target, reference=args.reference)

@@ -30,18 +30,6 @@ from rlt_jax.runtime import files
 from rlt_jax.training import forward
 
 
-def check_output(path: str) -> None:
-  """Raises ValueError unless a file can be written at `path` (checked before inference)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path):
-    raise ValueError(f"--output {path}: is a directory; expected a file name (.npy)")
-  if not os.path.isdir(folder):
-    raise ValueError(f"--output {path}: the folder {folder} does not exist")
-  if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path)
-                                                   and not os.access(path, os.W_OK)):
-    raise ValueError(f"--output {path}: not writable by you")
-
-
 def load(path: str) -> tuple[vit.ModelSpec, dict]:
   """(spec, params) from a converted directory or, converted on the fly, a .pth."""
   if os.path.isdir(path):
@@ -60,7 +48,7 @@ class Predictor:
     self.spec, self.params, self.batch_size, self.policy = spec, params, batch_size, policy
     model = vit.build(spec)
     if merges:
-      model = model.clone(tome=tome.schedule(merges, spec.depth, spec.num_tokens), scan=False)
+      model = model.clone(tome=tome.schedule(merges, spec.depth, spec.num_tokens))
     token_layout = layout.Layout("padded" if merges else "stream")
     self.forward = forward.Forward(model, policy, token_layout)
     self.rng = jax.random.PRNGKey(seed)
@@ -113,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
       if path and not os.path.exists(path):
         raise ValueError(f"{path}: no such file or directory")
     if args.output:
-      check_output(args.output)  # before the work, not after it
+      files.check_output(args.output, "--output")
     spec, params = load(args.checkpoint)
     predictor = Predictor(spec, params, policy=token_policy, batch_size=args.batch_size,
                           merges=args.tome)

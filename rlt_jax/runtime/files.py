@@ -58,6 +58,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     raise
 
 
+def check_output(path: str | None, flag: str) -> None:
+  """Raises ValueError unless a file can be written at `path` (None: nothing to check), named
+  by its command-line `flag`; commands call it before their work, not after it."""
+  if not path:
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f"{flag} {path}: is a directory; expected a file name")
+  if not os.path.isdir(folder):
+    raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+  if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                   and not os.access(path, os.W_OK)):
+    raise ValueError(f"{flag} {path}: not writable by you")
+
+
 def write_json(path: str | os.PathLike, value: Any) -> None:
   """`value` as indented JSON at `path`, written atomically (`atomic_write`)."""
   with atomic_write(path) as f:
