@@ -143,7 +143,10 @@ def split(config: ml_collections.ConfigDict, evaluator: Evaluator, spec: vit.Mod
   batches = make_batches(config.data[split], configure.sampling(config, spec, views),
                          config.eval_batch_size // jax.process_count(),
                          workers=config.data.workers, strict=config.data.strict,
-                         prefetch=config.data.prefetch, cost=configure.clip_cost(config, spec))
+                         prefetch=config.data.prefetch,
+                         # a host mask per view, only where `regroup` sorts by it
+                         cost=configure.clip_cost(config, spec) if config.data.sort_window > 1
+                         else None)
   num_records = input_pipeline.num_examples(config.data[split])
   metrics = evaluator(params, batches, num_records=num_records, num_classes=spec.num_classes,
                       description=f"{split} {views} @ {step}",
@@ -168,7 +171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   model = configure.build_model(config, spec, train=False)
   _, params = checkpoint.load_model(config.init_from)
   params = vit.arrange_blocks(params, configure.scans(config))
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  abstract = jax.eval_shape(  # the model the config builds (blocks arranged as it runs them)
+      lambda: model.init(jax.random.PRNGKey(0), vit.example_tokens(spec))["params"])
   checkpoint.check_params(params, abstract, config.init_from)
   params = jax.device_put(params, sharding.tree_shardings(mesh, abstract))
   split_name = "final" if config.data.final else "val"
