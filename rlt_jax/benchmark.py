@@ -47,7 +47,6 @@ import tempfile
 import time
 from typing import Any
 
-import av
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -195,7 +195,7 @@ def main(argv: list[str]) -> None:
   logging.info("command: %s", shlex.join(sys.argv))
   try:
     run.run(FLAGS.config, FLAGS.workdir)
-  except (configure.ConfigError, files.UnsafeWorkdir, FileNotFoundError, files.WorkdirLocked,
+  except (configure.ConfigError, files.UnsafeWorkdir, files.WorkdirLocked,
           tfrecord.CorruptRecordError, input_pipeline.DataError, train.NonFiniteLossError,
           checkpoint.NoRestorableCheckpoint, input_pipeline.BadRecordError, OSError) as e:
     logging.info("stopped by an error", exc_info=True)  # the traceback: log file only

@@ -366,9 +366,7 @@ def make_dataset(patterns: str, *, mode: str, sampling: Sampling, batch_size: in
   for name, value in (("batch_size", batch_size), ("prefetch", prefetch)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r}: expected a positive integer")
-  source = open_source(patterns)
-  if len(source) == 0:
-    raise FileNotFoundError(f"the shards matching {patterns!r} hold no records")
+  source = open_source(patterns)  # refuses a pattern that matches nothing and empty shards
   transform = Transform(sampling, mode, strict, cost)
   if mode == "train":
     global_batch = batch_size * process_count

@@ -100,13 +100,12 @@ def log_to_file(workdir: str) -> str | None:
   _log_file = log_path(workdir, jax.process_index())
   file = _PrivateFileHandler(_log_file, encoding="utf-8")
   file.setFormatter(logging.Formatter(_FILE_FORMAT))
-  if _early is not None:
-    for record in _early.buffer:
-      file.handle(record)
-    root.removeHandler(_early)
-    _SAY.removeHandler(_early)
-    _installed.remove(_early)
-    _early = None
+  for record in _early.buffer:
+    file.handle(record)
+  root.removeHandler(_early)
+  _SAY.removeHandler(_early)
+  _installed.remove(_early)
+  _early = None
   root.addHandler(file)
   _SAY.addHandler(file)
   _installed.append(file)
