@@ -61,6 +61,11 @@ def token_grid(shape: Sequence[int], tubelet_size: int, patch_size: int) -> tupl
 REFERENCES = ("previous", "run_start")
 
 
+def _check_reference(reference: str) -> None:
+  if reference not in REFERENCES:
+    raise ValueError(f"rlt.reference={reference!r}: expected one of {REFERENCES}")
+
+
 def _patches(frames: Array, t: int, patch_size: int) -> Array:
   """Frame t of every clip as patches (B, h, w, p·p·3), float32."""
   xp = _xp(frames)
@@ -81,8 +86,7 @@ def change_scores(frames: Array, *, tubelet_size: int = 2, patch_size: int = 16,
   (needed, since the reference depends on it). With s = j − 1 the two agree.
   """
   xp = _xp(frames)
-  if reference not in REFERENCES:
-    raise ValueError(f"rlt.reference={reference!r}: expected one of {REFERENCES}")
+  _check_reference(reference)
   tt, h, w = token_grid(frames.shape, tubelet_size, patch_size)
   head = xp.full((frames.shape[0], 1, h, w), xp.inf, xp.float32)
   if reference == "previous":
@@ -170,8 +174,7 @@ class Policy:
   def __post_init__(self):
     if self.kind not in POLICIES:
       raise ValueError(f"rlt.policy={self.kind!r}: expected one of {POLICIES}")
-    if self.reference not in REFERENCES:
-      raise ValueError(f"rlt.reference={self.reference!r}: expected one of {REFERENCES}")
+    _check_reference(self.reference)
     if not (math.isfinite(self.threshold) and self.threshold >= 0):
       raise ValueError(f"rlt.threshold={self.threshold!r}: expected a finite number ≥ 0")
     if self.kind == "random":
