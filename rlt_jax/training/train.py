@@ -211,14 +211,22 @@ def _compile_shapes(train_step: TrainStep, state, pending: two_phase.Pending) ->
 def train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
           spec: vit.ModelSpec) -> dict[str, Any]:
   """Trains as the config says in a checked, locked workdir; returns the final metrics."""
+  manager = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints"),
+                                        keep=config.keep_checkpoints)
+  try:  # closed however the run ends: orbax's threads must not outlive it
+    return _train(config, workdir, mesh, spec, manager)
+  finally:
+    manager.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+           spec: vit.ModelSpec, manager: checkpoint.TrainCheckpoints) -> dict[str, Any]:
   # ----------------------------------------------------------------- model, data, optimizer
   model = configure.build_model(config, spec, train=True)
   token_policy = configure.token_policy(config)
   num_train = input_pipeline.num_examples(config.data.train)
   steps_per_epoch = max(1, num_train // config.batch_size)
   total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
-  manager = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints"),
-                                        keep=config.keep_checkpoints)
   model_dir = os.path.join(workdir, "model")
   if manager.latest_step() == total_steps and os.path.isdir(model_dir):
     console.say(f"{workdir} holds a finished run ({total_steps} steps); its model is in "
@@ -279,11 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   # ----------------------------------------------------------------- resume
   start = manager.latest_step()
   if start is not None:
-    try:
-      state, iterator, start = manager.restore(abstract_state, state_shardings, iterator)
-    except checkpoint.NoRestorableCheckpoint:
-      manager.close()
-      raise
+    state, iterator, start = manager.restore(abstract_state, state_shardings, iterator)
     console.say(f"resumed from step {start} ({manager.directory})")
   start = start or 0
   evaluator = evaluate.Evaluator(configure.build_model(config, spec, train=False), token_policy,
@@ -349,7 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     checkpoint.save_model(model_dir, state["params"], spec, overwrite=True)
   finally:
     bar.close()
-    manager.close()
+    manager.wait()  # the last checkpoint written before the summary says so
     preemption.restore()
     log.close()
   console.say(console.summary(
