@@ -126,7 +126,7 @@ def test_clip_sources(num_frames: int, *, clips: int, clip_len: int,
   """(clips, clip_len): the source frame of each position of the test clips, or -1 where
   the clip runs past the video's end (and repeats its last frame)."""
   starts = test_clip_starts(num_frames, clips=clips, clip_len=clip_len, stride=stride)
-  raw = np.floor(np.asarray(starts)[:, None] + stride * np.arange(clip_len)).astype(np.int64)
+  raw = np.stack([_positions(start, clip_len, stride) for start in starts])
   return np.where(raw < num_frames, raw, -1)
 
 
@@ -159,8 +159,13 @@ def clip_indices(num_frames: int, start: float, clip_len: int, stride: float) ->
 
   `stride` may be fractional (frames stored at another rate than the one it is given in).
   """
-  indices = np.floor(start + stride * np.arange(clip_len)).astype(np.int64)
+  indices = _positions(start, clip_len, stride)
   return np.minimum(indices, indices[indices < num_frames].max(initial=0))
+
+
+def _positions(start: float, clip_len: int, stride: float) -> np.ndarray:
+  """The frame each position of a clip reads, before the end of the video is considered."""
+  return np.floor(start + stride * np.arange(clip_len)).astype(np.int64)
 
 
 def test_clip_starts(num_frames: int, *, clips: int, clip_len: int, stride: float) -> list[int]:
