@@ -537,7 +537,13 @@ def threshold_for(clips: np.ndarray, target: float, *, reference: str = "previou
   (the share falls as τ grows; bisection to `tolerance`)."""
   grid = rlt.token_grid(clips.shape, TUBELET, PATCH)
   total = len(clips) * math.prod(grid)
-  share = lambda tau: float(counts_at(clips, tau, reference=reference).sum()) / total
+  shares: dict[float, float] = {}  # a share is a full pass over the clips: each τ once
+
+  def share(tau: float) -> float:
+    if tau not in shares:
+      shares[tau] = float(counts_at(clips, tau, reference=reference).sum()) / total
+    return shares[tau]
+
   floor = 1 / grid[0]  # the first tubelet is always kept, whatever τ
   if target < floor:
     raise ValueError(f"--target {target}: even τ = ∞ keeps {floor:.1%} (every clip's first "
